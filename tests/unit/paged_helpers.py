@@ -1,0 +1,132 @@
+"""Builders for vLLM CPU ("vec") paged KV caches from contiguous per-sequence K/V, and
+contiguous references to check the paged kernels against."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+HEAD_DIM = 64
+# block_table entries past a row's blocks: out of range, so reading one raises IndexError.
+GARBAGE_BLOCK = 10**6
+
+
+def new_kv_cache(
+    num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """NaN-filled kv cache [nb, Hkv, 2*bs, D] and its key/value views, as vLLM's CPU impl makes them."""
+    kv = torch.full((num_blocks, num_kv_heads, 2 * block_size, head_dim), float("nan"), dtype=dtype)
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    return kv, key_cache, value_cache
+
+
+def write_tokens(
+    key_cache: Tensor, value_cache: Tensor, block_row: Tensor, start: int, keys: Tensor, values: Tensor
+) -> None:
+    """Write keys/values [n, Hkv, D] at positions [start, start + n), like reshape_and_cache:
+    K column-major ([D, bs] per block and head), V row-major ([bs, D])."""
+    num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
+    pos = torch.arange(start, start + keys.shape[0])
+    phys, offset = block_row[pos // block_size].long(), pos % block_size
+    key_cache.view(num_blocks, num_kv_heads, head_dim, block_size)[phys, :, :, offset] = keys.to(key_cache.dtype)
+    value_cache[phys, :, offset] = values.to(value_cache.dtype)
+
+
+@dataclass
+class PagedCase:
+    query: Tensor  # [B, Hq, D]
+    keys: list[Tensor]  # contiguous [L_b, Hkv, D] per row, already rounded to the cache dtype
+    values: list[Tensor]
+    kv: Tensor
+    key_cache: Tensor
+    value_cache: Tensor
+    block_table: Tensor  # [B, max_blocks + 2] int32
+    seq_lens: Tensor  # [B] int32
+    scale: float
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key_cache.shape[1]
+
+    @property
+    def block_size(self) -> int:
+        return self.key_cache.shape[2]
+
+
+def make_case(
+    seq_lens: list[int],
+    num_kv_heads: int,
+    group: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    head_dim: int = HEAD_DIM,
+    capacity: list[int] | None = None,
+) -> PagedCase:
+    """Random K/V/query in a paged cache whose physical blocks are shuffled across rows.
+
+    Keys get a per-KV-head mean offset and query heads random magnitudes, so that decisions mix
+    long and local. `capacity[b]` (>= seq_lens[b]) reserves blocks for tokens appended later.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    capacity = capacity or seq_lens
+    blocks_per_row = [-(-c // block_size) for c in capacity]
+    num_blocks = sum(blocks_per_row) + 3  # a few blocks no row owns (still NaN)
+    perm = torch.randperm(num_blocks, generator=gen)
+    table = torch.full((len(seq_lens), max(blocks_per_row) + 2), GARBAGE_BLOCK, dtype=torch.int32)
+    kv, key_cache, value_cache = new_kv_cache(num_blocks, num_kv_heads, block_size, head_dim, dtype)
+    keys, values, used = [], [], 0
+    for b, (length, n_blocks) in enumerate(zip(seq_lens, blocks_per_row)):
+        table[b, :n_blocks] = perm[used : used + n_blocks]
+        used += n_blocks
+        offset = torch.randn(num_kv_heads, head_dim, generator=gen)
+        k = (torch.randn(length, num_kv_heads, head_dim, generator=gen) + offset).to(dtype)
+        v = torch.randn(length, num_kv_heads, head_dim, generator=gen).to(dtype)
+        write_tokens(key_cache, value_cache, table[b], 0, k, v)
+        keys.append(k)
+        values.append(v)
+    num_heads = num_kv_heads * group
+    magnitude = torch.empty(len(seq_lens), num_heads, 1).uniform_(0.3, 3.0, generator=gen)
+    query = (torch.randn(len(seq_lens), num_heads, head_dim, generator=gen) * magnitude).to(dtype)
+    return PagedCase(query, keys, values, kv, key_cache, value_cache, table,
+                     torch.tensor(seq_lens, dtype=torch.int32), head_dim**-0.5)
+
+
+def local_positions(seq_len: int, t_sink: int, t_local: int) -> Tensor:
+    """Bool [L]: the sinks and the last t_local positions."""
+    pos = torch.arange(seq_len)
+    return (pos < t_sink) | (pos > seq_len - 1 - t_local)
+
+
+def row_scores(case: PagedCase, b: int) -> Tensor:
+    """fp32 scores [Hq, L] of row b, from the contiguous keys."""
+    group = case.query.shape[1] // case.num_kv_heads
+    k = case.keys[b].float().repeat_interleave(group, dim=1)
+    return case.scale * torch.einsum("hd,lhd->hl", case.query[b].float(), k)
+
+
+def sdpa_row(case: PagedCase, b: int, mask: Tensor | None = None) -> Tensor:
+    """fp32 attention output [Hq, D] of row b with optional per-head bool mask [Hq, L]."""
+    q = case.query[b].float()[None, :, None]  # [1, Hq, 1, D]
+    k = case.keys[b].float().transpose(0, 1)[None]  # [1, Hkv, L, D]
+    v = case.values[b].float().transpose(0, 1)[None]
+    attn_mask = None if mask is None else mask[None, :, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=case.scale, enable_gqa=True)
+    return out[0, :, 0]
+
+
+def masked_reference(case: PagedCase, long_groups: Tensor, t_sink: int, t_local: int) -> Tensor:
+    """fp32 [B, Hq, D]: heads of long groups attend to everything, the others to their local set."""
+    group = case.query.shape[1] // case.num_kv_heads
+    outs = []
+    for b, length in enumerate(case.seq_lens.tolist()):
+        local = local_positions(length, t_sink, t_local)
+        long_heads = long_groups[b].repeat_interleave(group)
+        outs.append(sdpa_row(case, b, local.unsqueeze(0) | long_heads.unsqueeze(1)))
+    return torch.stack(outs)
+
+
+def tolerance(dtype: torch.dtype) -> dict[str, float]:
+    return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}

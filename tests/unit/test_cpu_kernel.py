@@ -1,0 +1,216 @@
+"""paged_decode against contiguous references (SDPA, and decisions recomputed from raw keys)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attention_backend.cpu_kernel import paged_decode
+from attention_backend.moments import KeyMoments, stack_moments
+from attention_backend.policy import PolicyConfig, group_rule
+from paged_helpers import (
+    PagedCase,
+    local_positions,
+    make_case,
+    masked_reference,
+    row_scores,
+    sdpa_row,
+    tolerance,
+)
+
+T_SINK, T_LOCAL = 16, 64  # trivially local for L <= 80
+# (seq_lens, Hkv, group, block_size, dtype): ragged rows, rows without bulk, rows with 1-3 bulk tokens.
+CASES = [
+    ([300], 2, 1, 16, torch.float32),
+    ([70, 200, 95], 2, 3, 32, torch.bfloat16),
+    ([1, 17, 80, 81, 83, 300, 520, 129], 1, 7, 128, torch.float32),
+    ([600, 82, 40], 3, 3, 128, torch.bfloat16),
+    ([5, 81, 96, 97, 250, 410, 150, 333], 2, 7, 16, torch.bfloat16),
+]
+CASE_IDS = [f"B{len(c[0])}-kv{c[1]}-g{c[2]}-bs{c[3]}-{str(c[4])[6:]}" for c in CASES]
+
+
+@pytest.fixture(params=range(len(CASES)), ids=CASE_IDS)
+def case(request: pytest.FixtureRequest) -> PagedCase:
+    seq_lens, num_kv_heads, group, block_size, dtype = CASES[request.param]
+    return make_case(seq_lens, num_kv_heads, group, block_size, dtype, seed=request.param)
+
+
+def decode(case: PagedCase, cfg: PolicyConfig, **kwargs):
+    return paged_decode(case.query, case.key_cache, case.value_cache, case.block_table,
+                        case.seq_lens, case.scale, cfg, **kwargs)
+
+
+def n_bulk(case: PagedCase, t_sink: int = T_SINK, t_local: int = T_LOCAL) -> torch.Tensor:
+    return (case.seq_lens.long() - t_sink - t_local).clamp(min=0)
+
+
+def assert_matches_masked_reference(case: PagedCase, result, t_sink: int = T_SINK, t_local: int = T_LOCAL):
+    assert result.output.dtype == case.query.dtype
+    assert torch.isfinite(result.output.float()).all()
+    expected = masked_reference(case, result.long_groups, t_sink, t_local)
+    torch.testing.assert_close(result.output.float(), expected, **tolerance(case.query.dtype))
+
+
+def assert_decisions(case: PagedCase, result, log_ratio: torch.Tensor, tau: float) -> None:
+    """long_heads == (log_ratio > logit(tau)) where the bulk is non-empty, up to fp ties."""
+    margin = log_ratio - math.log(tau / (1 - tau))
+    expected = (margin > 0) & (n_bulk(case) > 0).unsqueeze(1)
+    disagree = result.long_heads != expected
+    assert (margin[disagree].abs() < 1e-3).all(), f"decisions differ at {disagree.nonzero().tolist()}"
+    assert torch.equal(result.long_groups, group_rule(result.long_heads, case.num_kv_heads))
+
+
+def local_and_bulk_scores(case: PagedCase, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = int(case.seq_lens[b])
+    local = local_positions(length, T_SINK, T_LOCAL)
+    scores = row_scores(case, b)
+    return scores[:, local], scores[:, ~local]
+
+
+def test_full_equals_sdpa(case: PagedCase) -> None:
+    result = decode(case, PolicyConfig(policy="full", t_sink=T_SINK, t_local=T_LOCAL))
+    expected = torch.stack([sdpa_row(case, b) for b in range(len(case.keys))])
+    torch.testing.assert_close(result.output.float(), expected, **tolerance(case.query.dtype))
+    assert torch.equal(result.long_heads, (n_bulk(case) > 0).unsqueeze(1).expand_as(result.long_heads))
+
+
+@pytest.mark.parametrize("t_sink,t_local", [(T_SINK, T_LOCAL), (0, 1), (5, 20), (40, 200)])
+def test_local_equals_window_reference(case: PagedCase, t_sink: int, t_local: int) -> None:
+    result = decode(case, PolicyConfig(policy="local", t_sink=t_sink, t_local=t_local))
+    assert not result.long_heads.any() and not result.long_groups.any()
+    assert_matches_masked_reference(case, result, t_sink, t_local)
+
+
+def test_static_mask_mixed_heads(case: PagedCase) -> None:
+    num_heads = case.query.shape[1]
+    mask = torch.arange(num_heads) % 3 == 1  # one head in three: some groups long, some local
+    result = decode(case, PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL), static_mask=mask)
+    assert torch.equal(result.long_heads, mask & (n_bulk(case) > 0).unsqueeze(1))
+    assert_matches_masked_reference(case, result)
+
+
+def test_random_is_seeded_and_exact(case: PagedCase) -> None:
+    cfg = PolicyConfig(policy="random", random_fraction=0.4, t_sink=T_SINK, t_local=T_LOCAL)
+    first = decode(case, cfg, generator=torch.Generator().manual_seed(7))
+    again = decode(case, cfg, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first.long_heads, again.long_heads)
+    assert_matches_masked_reference(case, first)
+
+
+def test_oracle_decisions(case: PagedCase) -> None:
+    tau = 0.5
+    result = decode(case, PolicyConfig(policy="oracle", tau=tau, t_sink=T_SINK, t_local=T_LOCAL))
+    log_ratio = torch.stack([
+        bulk.logsumexp(-1) - local.logsumexp(-1)
+        for local, bulk in (local_and_bulk_scores(case, b) for b in range(len(case.keys)))
+    ])
+    assert_decisions(case, result, log_ratio, tau)
+    assert_matches_masked_reference(case, result)
+
+
+@pytest.mark.parametrize("tau", [0.3, 0.8])
+def test_qada_prompt_decisions(case: PagedCase, tau: float) -> None:
+    cfg = PolicyConfig(policy="qada", stats="prompt", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
+    moments = stack_moments(
+        [KeyMoments.build(case.key_cache, case.block_table[b], length, T_SINK, T_LOCAL)
+         for b, length in enumerate(case.seq_lens.tolist())],
+        case.num_kv_heads, case.query.shape[2],
+    )
+    result = decode(case, cfg, moments=moments)
+
+    group = case.query.shape[1] // case.num_kv_heads
+    rows = []
+    for b, length in enumerate(case.seq_lens.tolist()):
+        local, _ = local_and_bulk_scores(case, b)
+        bulk_keys = case.keys[b][~local_positions(length, T_SINK, T_LOCAL)].float()  # [n, Hkv, D]
+        if bulk_keys.shape[0] == 0:
+            rows.append(torch.full((case.query.shape[1],), -math.inf))
+            continue
+        mu = bulk_keys.mean(0).repeat_interleave(group, 0)
+        sigma = torch.stack([torch.cov(bulk_keys[:, h].T, correction=0) for h in range(case.num_kv_heads)])
+        sigma = sigma.repeat_interleave(group, 0)
+        q = case.query[b].float()
+        est = (math.log(bulk_keys.shape[0]) + case.scale * (q * mu).sum(-1)
+               + case.scale**2 * torch.einsum("hd,hde,he->h", q, sigma, q) / 2)
+        rows.append(est - local.logsumexp(-1))
+    assert_decisions(case, result, torch.stack(rows), tau)
+    assert_matches_masked_reference(case, result)
+
+
+def test_qada_calib_decisions(case: PagedCase) -> None:
+    tau = 0.5
+    gen = torch.Generator().manual_seed(3)
+    head_dim = case.query.shape[2]
+    mu = torch.randn(case.num_kv_heads, head_dim, generator=gen)
+    a = torch.randn(case.num_kv_heads, head_dim, head_dim, generator=gen)
+    sigma = a @ a.transpose(1, 2) / head_dim
+    cfg = PolicyConfig(policy="qada", stats="calib", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
+    result = decode(case, cfg, calib=(mu, sigma))
+
+    group = case.query.shape[1] // case.num_kv_heads
+    mu_h, sigma_h = mu.repeat_interleave(group, 0), sigma.repeat_interleave(group, 0)
+    rows = []
+    for b in range(len(case.keys)):
+        local, _ = local_and_bulk_scores(case, b)
+        q = case.query[b].float()
+        est = (torch.tensor(float(n_bulk(case)[b])).log() + case.scale * (q * mu_h).sum(-1)
+               + case.scale**2 * torch.einsum("hd,hde,he->h", q, sigma_h, q) / 2)
+        rows.append(est - local.logsumexp(-1))
+    assert_decisions(case, result, torch.stack(rows), tau)
+    assert_matches_masked_reference(case, result)
+
+
+def test_qada_local_stats_decisions(case: PagedCase) -> None:
+    tau = 0.5
+    cfg = PolicyConfig(policy="qada", stats="local", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
+    result = decode(case, cfg)
+    rows = []
+    for b in range(len(case.keys)):
+        local, _ = local_and_bulk_scores(case, b)
+        est = (torch.tensor(float(n_bulk(case)[b])).log() + local.mean(-1)
+               + local.var(-1, unbiased=False) / 2)
+        rows.append(est - local.logsumexp(-1))
+    assert_decisions(case, result, torch.stack(rows), tau)
+    assert_matches_masked_reference(case, result)
+
+
+def test_gqa_one_long_head_makes_its_group_long() -> None:
+    case = make_case([400, 300], num_kv_heads=3, group=3, block_size=32, dtype=torch.float32, seed=11)
+    mask = torch.zeros(9, dtype=torch.bool)
+    mask[4] = True  # middle head of group 1
+    result = decode(case, PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL), static_mask=mask)
+    assert result.long_groups.tolist() == [[False, True, False]] * 2
+    for b, length in enumerate(case.seq_lens.tolist()):
+        full = sdpa_row(case, b)
+        local = sdpa_row(case, b, local_positions(length, T_SINK, T_LOCAL).expand(9, -1))
+        torch.testing.assert_close(result.output[b, 3:6], full[3:6])
+        torch.testing.assert_close(result.output[b, :3], local[:3])
+        torch.testing.assert_close(result.output[b, 6:], local[6:])
+
+
+def poison_unread_bulk(case: PagedCase, long_groups: torch.Tensor) -> None:
+    """NaN into every block lying wholly in a row's bulk, for the KV heads of its local groups."""
+    bs = case.block_size
+    for b, length in enumerate(case.seq_lens.tolist()):
+        end = length - T_LOCAL
+        bulk_blocks = [j for j in range(-(-length // bs)) if j * bs >= T_SINK and (j + 1) * bs <= end]
+        heads = torch.nonzero(~long_groups[b]).flatten()
+        if bulk_blocks and heads.numel():
+            phys = case.block_table[b, bulk_blocks].long()
+            case.key_cache[phys.unsqueeze(1), heads.unsqueeze(0)] = float("nan")
+            case.value_cache[phys.unsqueeze(1), heads.unsqueeze(0)] = float("nan")
+
+
+@pytest.mark.parametrize("policy", ["local", "static"])
+def test_local_groups_never_read_bulk(case: PagedCase, policy: str) -> None:
+    cfg = PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL)
+    mask = torch.arange(case.query.shape[1]) < case.query.shape[1] // case.num_kv_heads  # group 0 long
+    expected_groups = group_rule(mask & (n_bulk(case) > 0).unsqueeze(1), case.num_kv_heads)
+    if policy == "local":
+        expected_groups = torch.zeros_like(expected_groups)
+    poison_unread_bulk(case, expected_groups)
+    result = decode(case, cfg, static_mask=mask)
+    assert torch.equal(result.long_groups, expected_groups)
+    assert_matches_masked_reference(case, result)
