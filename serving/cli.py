@@ -18,7 +18,9 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from serving.config import load_config
+    import yaml
+
+    from serving.config import ConfigError, load_config
     from serving.launcher import serve
 
     overrides = {
@@ -35,6 +37,11 @@ def _serve(args: argparse.Namespace) -> None:
         "attention.t_local": args.t_local,
         "attention.stats": args.stats,
     }
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set needs KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
     cfg = load_config(args.config, overrides)
     if args.vllm_args:
         cfg.engine.extra_args = cfg.engine.extra_args + args.vllm_args
@@ -69,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--t-sink", type=int)
     srv.add_argument("--t-local", type=int)
     srv.add_argument("--stats", help="qada statistics source: prompt, calib, local")
+    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override any config key, e.g. --set engine.dtype=bfloat16")
     srv.add_argument("vllm_args", nargs="*", help=argparse.SUPPRESS)
     srv.set_defaults(func=_serve)
     return parser

@@ -80,7 +80,10 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
     try:
         return ServeConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid config {path}: {problems}") from exc
+        raise ConfigError(f"invalid config {path}: {describe(exc)}") from exc
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming each offending key, e.g. `engine.max_model_len: Input should be > 0`."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
+                     for err in exc.errors())

@@ -1,18 +1,76 @@
-"""vLLM endpoint plugin (`vllm.endpoint_plugins`): our routes on vLLM's OpenAI server."""
+"""vLLM endpoint plugin (`vllm.endpoint_plugins`): our routes on vLLM's OpenAI server.
+
+The decisions are made in the worker process; these routes reach it with
+`engine_client.collective_rpc` into methods of `attention_backend.worker.QadaCPUWorker`.
+"""
 from __future__ import annotations
 
 import json
 from argparse import Namespace
 
 from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from serving.config import AttentionConfig, describe
+from serving.middleware import openai_error
 
 router = APIRouter()
 
 
-@router.get("/v1/qada/config")
-async def qada_config(request: Request) -> dict:
-    """The attention settings this server runs with (``enabled: false`` means stock vLLM)."""
-    return request.app.state.qada_config
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(openai_error(status, message), status_code=status)
+
+
+async def _rpc(request: Request, method: str, *args):
+    """The first worker's answer (one worker per engine on CPU)."""
+    return (await request.app.state.qada_engine.collective_rpc(method, args=args))[0]
+
+
+@router.get("/v1/qada/policy")
+async def get_policy(request: Request):
+    """The attention policy in force (`{"enabled": false}` on a stock-attention server)."""
+    if not request.app.state.qada_enabled:
+        return {"enabled": False}
+    return {"enabled": True, **await _rpc(request, "qada_settings")}
+
+
+@router.put("/v1/qada/policy")
+async def put_policy(request: Request):
+    """Replace the policy of the running engine (same keys as the config's `attention` section).
+    Takes effect at the next decode step; counters keep accumulating."""
+    if not request.app.state.qada_enabled:
+        return _error(409, "QAdA attention is not enabled on this server (attention.enabled: false)")
+    try:
+        body = await request.json()
+        settings = AttentionConfig.model_validate({**body, "enabled": True}).model_dump()
+    except ValueError as exc:  # malformed JSON or ValidationError
+        detail = describe(exc) if isinstance(exc, ValidationError) else str(exc)
+        return _error(400, f"invalid policy: {detail}")
+    try:
+        applied = await _rpc(request, "qada_configure", settings)
+    except Exception as exc:  # a file the worker could not load, for instance
+        return _error(400, f"policy rejected by the engine: {exc}")
+    return {"enabled": True, **applied}
+
+
+@router.get("/v1/qada/stats")
+async def get_stats(request: Request):
+    """Decode-time decisions so far, per layer, at query-head and KV-group level."""
+    if not request.app.state.qada_enabled:
+        return {"enabled": False}
+    counters = await _rpc(request, "qada_counters")
+    rows = sum(layer["rows"] for layer in counters["layers"].values())
+    heads, groups = rows * counters["num_heads"], rows * counters["num_kv_heads"]
+    long_heads = sum(layer["long_heads"] for layer in counters["layers"].values())
+    long_groups = sum(layer["long_groups"] for layer in counters["layers"].values())
+    return {
+        "enabled": True,
+        "policy": await _rpc(request, "qada_settings"),
+        "head_decisions": {"long": long_heads, "local": heads - long_heads},
+        "kv_group_decisions": {"long": long_groups, "local": groups - long_groups},
+        **counters,
+    }
 
 
 class QadaEndpoints:
@@ -26,7 +84,8 @@ class QadaEndpoints:
         extra = getattr(args, "additional_config", None) or {}
         if isinstance(extra, str):
             extra = json.loads(extra)
-        state.qada_config = {"enabled": "qada" in extra, **extra.get("qada", {})}
+        state.qada_enabled = "qada" in extra and engine_client is not None
+        state.qada_engine = engine_client
 
 
 def make_plugin() -> QadaEndpoints:

@@ -53,7 +53,8 @@ def vllm_command(cfg: ServeConfig, model_path: Path) -> list[str]:
     if cfg.api_key:
         args += ["--api-key", cfg.api_key]
     if cfg.attention.enabled:
-        args += ["--additional-config", json.dumps({"qada": cfg.attention.model_dump()})]
+        args += ["--additional-config", json.dumps({"qada": cfg.attention.model_dump()}),
+                 "--worker-cls", "attention_backend.worker.QadaCPUWorker"]
     return args + engine.extra_args
 
 

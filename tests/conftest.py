@@ -79,7 +79,28 @@ def server(model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def client(server):
+def qada_server(model_path, tmp_path_factory):
+    """QAdA-attention server (its policy is switched per test through PUT /v1/qada/policy)."""
+    srv = Server(["--config", str(REPO / "configs" / "smollm2-cpu-qada.yaml")],
+                 tmp_path_factory.mktemp("qada_server") / "server.log")
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+def openai_client(server: Server):
     import openai
 
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    return openai_client(server)
+
+
+@pytest.fixture(scope="session")
+def qada_client(qada_server):
+    return openai_client(qada_server)

@@ -57,9 +57,13 @@ def test_health_and_metrics_need_no_key(server):
     assert "vllm:generation_tokens_total" in metrics
 
 
-def test_config_route_reports_stock_attention(server):
-    reply = httpx.get(server.url + "/v1/qada/config", headers={"Authorization": f"Bearer {API_KEY}"})
-    assert reply.status_code == 200 and reply.json()["enabled"] is False
+def test_qada_routes_report_stock_attention(server):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for route in ("/v1/qada/policy", "/v1/qada/stats"):
+        reply = httpx.get(server.url + route, headers=auth)
+        assert reply.status_code == 200 and reply.json() == {"enabled": False}
+    reply = httpx.put(server.url + "/v1/qada/policy", headers=auth, json={"policy": "local"})
+    assert "not enabled" in _assert_openai_error(reply, 409)
 
 
 def _assert_openai_error(response: httpx.Response, status: int) -> str:

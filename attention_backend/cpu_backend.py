@@ -1,0 +1,130 @@
+"""QAdA attention backend for vLLM on CPU: prefill rows stay on the stock kernel, decode rows go
+through `cpu_kernel.paged_decode`, where local KV groups read only their sink and last blocks.
+
+Registered over `CPU_ATTN` by the plugin when QAdA is enabled (the CPU platform ignores
+`--attention-backend` but honours overrides of `CPU_ATTN`).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
+
+from .cpu_kernel import paged_decode
+from .state import WORKER_STATE
+
+@dataclass
+class QadaCPUMetadata:
+    """Decode rows come first in the batch (the builder asks vLLM to reorder)."""
+
+    num_decodes: int
+    num_decode_tokens: int
+    decode_seq_lens: torch.Tensor  # [num_decodes] CPU int
+    decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
+    decode_req_ids: list[str]
+    prefill: CPUAttentionMetadata | None  # stock metadata of the prefill sub-batch
+
+
+class QadaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # Our kernel reads the "vec" cache layout (K blocks column-major); AMX packs tiles and
+        # other ISAs use other layouts, so pin "vec" where it exists and refuse elsewhere.
+        if self.isa != "vec":
+            if self.isa != "amx":
+                raise NotImplementedError(f"QAdA on CPU needs the 'vec' KV layout; this CPU uses {self.isa!r}")
+            self.isa = "vec"
+            self._set_isa_to_layers(layer_names)
+        if self.kv_cache_dtype != "auto":
+            raise NotImplementedError("QAdA on CPU supports kv_cache_dtype=auto only")
+        self._init_reorder_batch_threshold(1)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> QadaCPUMetadata | CPUAttentionMetadata:
+        cm = common_attn_metadata
+        if self.is_cross_attention or self.is_encoder_only_attention or cm.causal is not True:
+            return super().build(common_prefix_len, cm, fast_build)
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
+            cm, decode_threshold=1)
+        prefill = None
+        if num_prefills:
+            rows = slice(num_decodes, cm.num_reqs)
+            tokens = slice(num_decode_tokens, cm.num_actual_tokens)
+            prefill = super().build(common_prefix_len,
+                                    _make_metadata_with_slice(UBatchSlice(rows, tokens), cm))
+        return QadaCPUMetadata(
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            decode_seq_lens=cm.seq_lens[:num_decodes].cpu(),
+            decode_block_table=cm.block_table_tensor[:num_decodes],
+            decode_req_ids=WORKER_STATE.request_ids(num_decodes) if num_decodes else [],
+            prefill=prefill,
+        )
+
+
+class QadaCPUImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not WORKER_STATE.settings:  # first layer of this process: apply the launch settings
+            WORKER_STATE.configure(get_current_vllm_config().additional_config.get("qada") or {})
+        self.layer_index: int | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if not isinstance(attn_metadata, QadaCPUMetadata) or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                                   output_scale, output_block_scale)
+        meta = attn_metadata
+        nd = meta.num_decode_tokens
+        if meta.prefill is not None:
+            # key/value are only read by the stock kernel for encoder attention (never here).
+            super().forward(layer, query[nd:], None, None, kv_cache, meta.prefill, output[nd:])
+        if meta.num_decodes:
+            output[:nd] = self._decode(layer, query[:nd], kv_cache, meta)
+        return output
+
+    def _decode(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta: QadaCPUMetadata) -> torch.Tensor:
+        if self.layer_index is None:
+            self.layer_index = int(re.search(r"layers\.(\d+)\.", layer.layer_name).group(1))
+        num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
+        key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+        state, cfg, layer_index = WORKER_STATE, WORKER_STATE.policy, self.layer_index
+        moments = None
+        if cfg.policy == "qada" and cfg.stats == "prompt":
+            moments = state.prompt_moments(layer_index, meta.decode_req_ids, key_cache,
+                                           meta.decode_block_table, meta.decode_seq_lens.tolist(), cfg)
+        result = paged_decode(
+            query.view(meta.num_decodes, self.num_heads, self.head_size), key_cache, value_cache,
+            meta.decode_block_table, meta.decode_seq_lens, self.scale, cfg, moments=moments,
+            calib=None if state.calib is None else (state.calib[0][layer_index], state.calib[1][layer_index]),
+            static_mask=None if state.static_heads is None else state.static_heads[layer_index],
+            generator=state.generator,
+        )
+        state.counters.record(layer_index, result.long_heads, result.long_groups)
+        return result.output.view_as(query)
+
+
+class QadaCPUBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"  # must name an existing enum member; we override CPU_ATTN's path
+
+    @staticmethod
+    def get_impl_cls() -> type[QadaCPUImpl]:
+        return QadaCPUImpl
+
+    @staticmethod
+    def get_builder_cls() -> type[QadaCPUMetadataBuilder]:
+        return QadaCPUMetadataBuilder
+

@@ -1,0 +1,26 @@
+"""Worker class for QAdA on CPU: gives the attention layers the batch's request ids and frees
+per-request state when requests finish or are preempted."""
+from __future__ import annotations
+
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from .state import WORKER_STATE
+
+
+class QadaCPUWorker(CPUWorker):
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        WORKER_STATE.runner = self.model_runner
+        WORKER_STATE.forget(scheduler_output.finished_req_ids)
+        WORKER_STATE.forget(getattr(scheduler_output, "preempted_req_ids", None))
+        return super().execute_model(scheduler_output, *args, **kwargs)
+
+    def qada_counters(self) -> dict:
+        """Decision counts so far (for collective_rpc)."""
+        return WORKER_STATE.counters.snapshot()
+
+    def qada_configure(self, settings: dict) -> dict:
+        """Replace the active policy (for collective_rpc); raises ValueError on bad settings."""
+        return WORKER_STATE.configure(settings)
+
+    def qada_settings(self) -> dict:
+        return WORKER_STATE.settings

@@ -1,0 +1,126 @@
+"""Decode throughput of the real server: stock vLLM attention vs QAdA, same machine, same run.
+
+For each context length and batch size, `batch` distinct haystack prompts (the first holds a
+passkey) are prefilled once (prefix cache), then decoded twice, for 1 and for N+1 tokens; decode
+throughput = batch * N / (t(N+1) - t(1)), so prefill and HTTP overhead cancel out.
+
+    python benchmarks/decode_speed.py                       # 2k/4k/7k x batch 1/8, fp32
+    python benchmarks/decode_speed.py --dtype bfloat16 --contexts 7000 --batches 8
+
+Writes results/decode_speed-<dtype>.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import API_KEY, SERVED_NAME, Server  # noqa: E402
+from serving.longcontext import haystack_text, passkey_prompt  # noqa: E402
+from serving.models import prepare_model  # noqa: E402
+
+PASSKEY = "68217"
+
+
+async def timed_batch(client, prompts: list[str], max_tokens: int) -> tuple[float, list[str]]:
+    start = time.perf_counter()
+    replies = await asyncio.gather(*(
+        client.completions.create(model=SERVED_NAME, prompt=p, max_tokens=max_tokens, temperature=0,
+                                  extra_body={"ignore_eos": True}) for p in prompts))
+    return time.perf_counter() - start, [r.choices[0].text for r in replies]
+
+
+def group_decisions(server) -> dict:
+    reply = httpx.get(server.url + "/v1/qada/stats", headers={"Authorization": f"Bearer {API_KEY}"})
+    return reply.json().get("kv_group_decisions", {})
+
+
+def measure(server, prompts_by_context, batches, new_tokens, repeats) -> list[dict]:
+    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, timeout=3600)
+    rows = []
+    for context, prompts in prompts_by_context.items():
+        asyncio.run(timed_batch(client, prompts[: max(batches)], 1))  # prefill into the prefix cache
+        for batch in batches:
+            best, answer, local = None, "", None
+            for _ in range(repeats):
+                t1, _ = asyncio.run(timed_batch(client, prompts[:batch], 1))
+                before = group_decisions(server)
+                tn, texts = asyncio.run(timed_batch(client, prompts[:batch], new_tokens + 1))
+                after = group_decisions(server)
+                tps = batch * new_tokens / (tn - t1)
+                if best is None or tps > best:
+                    best, answer = tps, texts[0]
+                if after:
+                    d = {k: after[k] - before[k] for k in after}
+                    local = d["local"] / max(1, d["local"] + d["long"])
+            rows.append({"context": context, "batch": batch, "decode_tok_s": round(best, 2),
+                         "passkey_answered": PASSKEY in answer[:16], "kv_group_local_fraction":
+                         None if local is None else round(local, 3)})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2000, 4000, 7000])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--policy", default="qada")
+    parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    from transformers import AutoTokenizer
+
+    model_path = prepare_model()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    text = haystack_text()
+    words = len(text) // max(args.batches)
+    prompts_by_context = {
+        context: [passkey_prompt(tokenizer, context, 0.3, PASSKEY, text)] + [
+            passkey_prompt(tokenizer, context, 0.5, "1" + PASSKEY[1:], text[i * words:] + text[: i * words])
+            for i in range(1, max(args.batches))]
+        for context in args.contexts
+    }
+    kv_gib = max(4, round(sum(args.contexts) * max(args.batches) * 46_080 * (1 if args.dtype == "float32" else 0.5) / 2**30) + 1)
+    common = ["--set", f"engine.dtype={args.dtype}", "--set", f"engine.kv_cache_space_gib={kv_gib}"]
+    qada = ["--config", "configs/smollm2-cpu-qada.yaml", "--policy", args.policy]
+    if args.tau is not None:
+        qada += ["--tau", str(args.tau)]
+    results = {"machine": platform.processor() or platform.machine(), "dtype": args.dtype,
+               "new_tokens": args.new_tokens, "policy": args.policy, "tau": args.tau, "runs": {}}
+    log_dir = REPO / "results"
+    log_dir.mkdir(exist_ok=True)
+    for name, server_args in (("stock", ["--config", "configs/smollm2-cpu.yaml"]), ("qada", qada)):
+        server = Server(server_args + common, log_dir / f"decode_speed-{name}.log")
+        try:
+            server.wait_ready()
+            results["runs"][name] = measure(server, prompts_by_context, args.batches, args.new_tokens, args.repeats)
+        finally:
+            server.stop()
+    out = args.out or log_dir / f"decode_speed-{args.dtype}.json"
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\n| context | batch | stock tok/s | qada tok/s | speedup | qada KV-group local | passkey (stock/qada) |")
+    print("|---|---|---|---|---|---|---|")
+    for s, q in zip(results["runs"]["stock"], results["runs"]["qada"]):
+        print(f"| {s['context']} | {s['batch']} | {s['decode_tok_s']:.1f} | {q['decode_tok_s']:.1f} | "
+              f"{q['decode_tok_s'] / s['decode_tok_s']:.2f}x | {q['kv_group_local_fraction']} | "
+              f"{'yes' if s['passkey_answered'] else 'no'}/{'yes' if q['passkey_answered'] else 'no'} |")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""QAdA backend inside the real vLLM engine (CPU), real SmolLM2, over HTTP.
+
+The stock server (`server`) is the reference; the QAdA server switches policies at run time.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from conftest import API_KEY, SERVED_NAME
+from serving.config import load_config
+from serving.longcontext import haystack_text, passkey_prompt
+from conftest import REPO
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+DEFAULTS = load_config(REPO / "configs" / "smollm2-cpu-qada.yaml").attention.model_dump()
+
+
+def set_policy(server, **settings) -> dict:
+    reply = httpx.put(server.url + "/v1/qada/policy", headers=AUTH, json={**DEFAULTS, **settings})
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def stats(server) -> dict:
+    return httpx.get(server.url + "/v1/qada/stats", headers=AUTH).json()
+
+
+def greedy_texts(server, prompts: list[str], max_tokens: int) -> list[str]:
+    """All prompts at once, so the engine runs mixed prefill/decode batches."""
+    async def run():
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
+                                    timeout=600)
+        return await asyncio.gather(*(
+            client.completions.create(model=SERVED_NAME, prompt=p, max_tokens=max_tokens,
+                                      temperature=0) for p in prompts))
+    return [r.choices[0].text for r in asyncio.run(run())]
+
+
+@pytest.fixture(scope="module")
+def haystack(model_path):
+    return AutoTokenizer.from_pretrained(model_path), haystack_text()
+
+
+def test_full_policy_is_token_identical_to_stock(server, qada_server, haystack):
+    tokenizer, text = haystack
+    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
+               "Once upon a time, in a small village,",
+               text[:1500], text[5000:9000],  # ~350 and ~900 tokens: chunked with the decodes
+               passkey_prompt(tokenizer, 1200, 0.3, "40713", text)]
+    set_policy(qada_server, policy="full")
+    before = stats(qada_server)
+    ours = greedy_texts(qada_server, prompts, 24)
+    assert ours == greedy_texts(server, prompts, 24)
+    after = stats(qada_server)
+    # Every decode row went through our path, and policy full read every group.
+    assert after["kv_group_decisions"]["local"] == before["kv_group_decisions"]["local"]
+    assert after["kv_group_decisions"]["long"] > before["kv_group_decisions"]["long"]
+
+
+@pytest.mark.parametrize("context, depth, passkey", [(4000, 0.5, "71432"), (7000, 0.2, "30917")])
+def test_qada_retrieves_passkey_with_mostly_local_groups(qada_server, qada_client, haystack,
+                                                         context, depth, passkey):
+    tokenizer, text = haystack
+    set_policy(qada_server)  # the shipped defaults
+    before = stats(qada_server)
+    reply = qada_client.completions.create(
+        model=SERVED_NAME, prompt=passkey_prompt(tokenizer, context, depth, passkey, text),
+        max_tokens=8, temperature=0)
+    after = stats(qada_server)
+    delta = {level: {k: after[level][k] - before[level][k] for k in ("long", "local")}
+             for level in ("kv_group_decisions", "head_decisions")}
+    group_local = delta["kv_group_decisions"]["local"] / sum(delta["kv_group_decisions"].values())
+    head_local = delta["head_decisions"]["local"] / sum(delta["head_decisions"].values())
+    print(f"\npasskey @ {context} tokens, depth {depth}: answer {reply.choices[0].text!r}; "
+          f"local fraction: KV groups {group_local:.3f}, query heads {head_local:.3f} "
+          f"(tau {DEFAULTS['tau']}, T_local {DEFAULTS['t_local']})")
+    assert passkey in reply.choices[0].text
+    assert group_local > 0.5
+
+
+def test_counters_are_exact(qada_server, qada_client):
+    set_policy(qada_server, policy="random", random_fraction=0.5, seed=1)
+    before = stats(qada_server)
+    reply = qada_client.completions.create(model=SERVED_NAME, prompt="Tell me a story.",
+                                           max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    after = stats(qada_server)
+    decode_steps = reply.usage.completion_tokens - 1  # the first token comes from the prefill
+    layers, heads, groups = len(after["layers"]), after["num_heads"], after["num_kv_heads"]
+    assert (layers, heads, groups) == (30, 9, 3)
+    for level, per_row in (("head_decisions", heads), ("kv_group_decisions", groups)):
+        counted = sum(after[level].values()) - sum(before[level].values())
+        assert counted == decode_steps * layers * per_row
+    for layer, counts in after["layers"].items():
+        assert counts["rows"] - before["layers"].get(layer, {"rows": 0})["rows"] == decode_steps
+    long = after["head_decisions"]["long"] - before["head_decisions"]["long"]
+    assert 0.3 < long / (decode_steps * layers * heads) < 0.7  # random at 0.5
+
+
+@pytest.mark.parametrize("policy, settings, expect_long", [
+    ("local", {}, 0.0), ("full", {}, 1.0), ("oracle", {}, None),
+    ("qada", {"stats": "local"}, None), ("static", {}, None),
+])
+def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, policy, settings,
+                             expect_long):
+    if policy == "static":  # layer 1 (all heads) and head 0 of every layer are long
+        heads = [[1, h] for h in range(9)] + [[layer, 0] for layer in range(30)]
+        path = tmp_path / "heads.json"
+        path.write_text(json.dumps({"num_layers": 30, "num_heads": 9, "long_heads": heads}))
+        settings = {"static_heads": str(path)}
+    set_policy(qada_server, policy=policy, **settings)
+    before = stats(qada_server)
+    tokenizer, text = haystack
+    reply = qada_client.completions.create(model=SERVED_NAME, prompt=text[:2000] + "\n\nIn short,",
+                                           max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert reply.choices[0].text
+    after = stats(qada_server)
+    long = after["head_decisions"]["long"] - before["head_decisions"]["long"]
+    total = long + after["head_decisions"]["local"] - before["head_decisions"]["local"]
+    if expect_long is not None:
+        assert long == expect_long * total
+    if policy == "static":
+        assert long == 5 * (9 + 29)  # 5 decode steps x the 38 heads in the file
+
+
+@pytest.mark.parametrize("body, needle", [
+    ({"policy": "magic"}, "policy"), ({"tau": 2}, "tau"), ({"t_local": 0}, "t_local"),
+    ({"surprise": 1}, "surprise"), ({"policy": "static"}, "static_heads"),
+    ({"policy": "static", "static_heads": "/nonexistent.json"}, "nonexistent"),
+])
+def test_bad_policy_is_a_clear_400_and_changes_nothing(qada_server, qada_client, body, needle):
+    current = set_policy(qada_server, policy="qada")
+    reply = httpx.put(qada_server.url + "/v1/qada/policy", headers=AUTH, json=body)
+    assert reply.status_code == 400 and needle in reply.json()["error"]["message"]
+    assert httpx.get(qada_server.url + "/v1/qada/policy", headers=AUTH).json() == current
+    assert qada_client.completions.create(model=SERVED_NAME, prompt="Hi", max_tokens=2).choices
