@@ -19,7 +19,7 @@ STATS_SOURCES = ("prompt", "calib", "local")
 @dataclass(frozen=True)
 class PolicyConfig:
     policy: str = "qada"
-    tau: float = 0.5
+    tau: float = 0.8
     t_sink: int = 16
     t_local: int = 128
     stats: str = "prompt"

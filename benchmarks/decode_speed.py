@@ -33,7 +33,8 @@ from serving.models import prepare_model  # noqa: E402
 PASSKEY = "68217"
 
 
-async def timed_batch(client, prompts: list[str], max_tokens: int) -> tuple[float, list[str]]:
+async def timed_batch(url: str, prompts: list[str], max_tokens: int) -> tuple[float, list[str]]:
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, timeout=3600)
     start = time.perf_counter()
     replies = await asyncio.gather(*(
         client.completions.create(model=SERVED_NAME, prompt=p, max_tokens=max_tokens, temperature=0,
@@ -47,16 +48,16 @@ def group_decisions(server) -> dict:
 
 
 def measure(server, prompts_by_context, batches, new_tokens, repeats) -> list[dict]:
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, timeout=3600)
+    url = server.url
     rows = []
     for context, prompts in prompts_by_context.items():
-        asyncio.run(timed_batch(client, prompts[: max(batches)], 1))  # prefill into the prefix cache
+        asyncio.run(timed_batch(url, prompts[: max(batches)], 1))  # prefill into the prefix cache
         for batch in batches:
             best, answer, local = None, "", None
             for _ in range(repeats):
-                t1, _ = asyncio.run(timed_batch(client, prompts[:batch], 1))
+                t1, _ = asyncio.run(timed_batch(url, prompts[:batch], 1))
                 before = group_decisions(server)
-                tn, texts = asyncio.run(timed_batch(client, prompts[:batch], new_tokens + 1))
+                tn, texts = asyncio.run(timed_batch(url, prompts[:batch], new_tokens + 1))
                 after = group_decisions(server)
                 tps = batch * new_tokens / (tn - t1)
                 if best is None or tps > best:

@@ -37,7 +37,7 @@ class AttentionConfig(_Strict):
 
     enabled: bool = False
     policy: Literal[POLICIES] = "qada"  # type: ignore[valid-type]
-    tau: float = Field(0.5, gt=0, lt=1)
+    tau: float = Field(0.8, gt=0, lt=1)
     t_sink: int = Field(16, ge=0)
     t_local: int = Field(128, ge=1)
     stats: Literal[STATS_SOURCES] = "prompt"  # type: ignore[valid-type]
