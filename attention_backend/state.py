@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import metrics
 from .moments import KeyMoments, stack_moments
 from .policy import PolicyConfig
 
@@ -16,29 +17,61 @@ from .policy import PolicyConfig
 @dataclass
 class DecisionCounters:
     """Exact decode-time decision counts per layer: rows decoded, query heads judged long, KV
-    groups read in full (the totals are rows x heads and rows x groups)."""
+    groups read in full (the totals are rows x heads and rows x groups), KV bytes the decisions
+    required and skipped. Mirrored into Prometheus (`metrics.py`)."""
 
     num_heads: int = 0
     num_kv_heads: int = 0
     rows: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     long_heads: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     long_groups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    kv_bytes_read: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    kv_bytes_skipped: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    step_long_groups: int = 0
+    step_groups: int = 0
 
-    def record(self, layer: int, long_heads: Tensor, long_groups: Tensor) -> None:
-        self.num_heads, self.num_kv_heads = long_heads.shape[1], long_groups.shape[1]
-        self.rows[layer] += long_heads.shape[0]
-        self.long_heads[layer] += int(long_heads.sum())
-        self.long_groups[layer] += int(long_groups.sum())
+    def record(self, layer: int, long_heads: Tensor, long_groups: Tensor, seq_lens: Tensor,
+               local_tokens: int, token_bytes: int) -> None:
+        """One layer's decisions for the decode rows of a step; `token_bytes` is the K+V size of
+        one token of one KV head."""
+        rows, heads = long_heads.shape
+        groups = long_groups.shape[1]
+        n_long_heads, n_long_groups = int(long_heads.sum()), int(long_groups.sum())
+        lengths = seq_lens.long().unsqueeze(1)
+        tokens_read = int(torch.where(long_groups, lengths, lengths.clamp(max=local_tokens)).sum())
+        read, skipped = tokens_read * token_bytes, (int(lengths.sum()) * groups - tokens_read) * token_bytes
+        self.num_heads, self.num_kv_heads = heads, groups
+        self.rows[layer] += rows
+        self.long_heads[layer] += n_long_heads
+        self.long_groups[layer] += n_long_groups
+        self.kv_bytes_read[layer] += read
+        self.kv_bytes_skipped[layer] += skipped
+        self.step_long_groups += n_long_groups
+        self.step_groups += rows * groups
+        label = str(layer)
+        for level, long, total in (("head", n_long_heads, rows * heads),
+                                   ("kv_group", n_long_groups, rows * groups)):
+            metrics.HEAD_DECISIONS.labels("long", level, label).inc(long)
+            metrics.HEAD_DECISIONS.labels("local", level, label).inc(total - long)
+        metrics.KV_BYTES_READ.labels(label).inc(read)
+        metrics.KV_BYTES_SKIPPED.labels(label).inc(skipped)
+
+    def end_step(self) -> None:
+        """Close an engine step: one observation of its long-context fraction."""
+        if self.step_groups:
+            metrics.LONG_CONTEXT_FRACTION.observe(self.step_long_groups / self.step_groups)
+        self.step_long_groups = self.step_groups = 0
 
     def snapshot(self) -> dict:
-        layers = sorted(self.rows)
         return {
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
             "layers": {
                 layer: {"rows": self.rows[layer], "long_heads": self.long_heads[layer],
-                        "long_groups": self.long_groups[layer]}
-                for layer in layers
+                        "long_groups": self.long_groups[layer],
+                        "kv_bytes_read": self.kv_bytes_read[layer],
+                        "kv_bytes_skipped": self.kv_bytes_skipped[layer]}
+                for layer in sorted(self.rows)
             },
         }
 
@@ -71,6 +104,9 @@ class WorkerState:
             raise ValueError("stats 'calib' needs calib: a safetensors file with mu and sigma")
         if (policy.t_sink, policy.t_local) != (self.policy.t_sink, self.policy.t_local):
             self.moments.clear()  # they cover a bulk range that no longer exists
+        if self.settings:
+            metrics.POLICY.labels(*_policy_labels(self.policy)).set(0)
+        metrics.POLICY.labels(*_policy_labels(policy)).set(1)
         self.policy, self.static_heads, self.calib = policy, static_heads, calib
         self.generator = torch.Generator().manual_seed(policy.seed)
         self.settings = {**settings, **policy.__dict__}
@@ -113,6 +149,10 @@ class WorkerState:
 
 
 WORKER_STATE = WorkerState()
+
+
+def _policy_labels(policy: PolicyConfig) -> tuple[str, ...]:
+    return policy.policy, policy.stats, f"{policy.tau:g}", str(policy.t_sink), str(policy.t_local)
 
 
 def _load_static_heads(path: str | None) -> Tensor | None:

@@ -12,7 +12,10 @@ class QadaCPUWorker(CPUWorker):
         WORKER_STATE.runner = self.model_runner
         WORKER_STATE.forget(scheduler_output.finished_req_ids)
         WORKER_STATE.forget(getattr(scheduler_output, "preempted_req_ids", None))
-        return super().execute_model(scheduler_output, *args, **kwargs)
+        try:
+            return super().execute_model(scheduler_output, *args, **kwargs)
+        finally:
+            WORKER_STATE.counters.end_step()
 
     def qada_counters(self) -> dict:
         """Decision counts so far (for collective_rpc)."""

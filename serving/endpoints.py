@@ -60,15 +60,15 @@ async def get_stats(request: Request):
     if not request.app.state.qada_enabled:
         return {"enabled": False}
     counters = await _rpc(request, "qada_counters")
-    rows = sum(layer["rows"] for layer in counters["layers"].values())
-    heads, groups = rows * counters["num_heads"], rows * counters["num_kv_heads"]
-    long_heads = sum(layer["long_heads"] for layer in counters["layers"].values())
-    long_groups = sum(layer["long_groups"] for layer in counters["layers"].values())
+    total = {key: sum(layer[key] for layer in counters["layers"].values())
+             for key in ("rows", "long_heads", "long_groups", "kv_bytes_read", "kv_bytes_skipped")}
+    heads, groups = total["rows"] * counters["num_heads"], total["rows"] * counters["num_kv_heads"]
     return {
         "enabled": True,
         "policy": await _rpc(request, "qada_settings"),
-        "head_decisions": {"long": long_heads, "local": heads - long_heads},
-        "kv_group_decisions": {"long": long_groups, "local": groups - long_groups},
+        "head_decisions": {"long": total["long_heads"], "local": heads - total["long_heads"]},
+        "kv_group_decisions": {"long": total["long_groups"], "local": groups - total["long_groups"]},
+        "kv_bytes": {"read": total["kv_bytes_read"], "skipped": total["kv_bytes_skipped"]},
         **counters,
     }
 

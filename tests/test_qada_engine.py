@@ -58,9 +58,11 @@ def test_full_policy_is_token_identical_to_stock(server, qada_server, haystack):
     ours = greedy_texts(qada_server, prompts, 24)
     assert ours == greedy_texts(server, prompts, 24)
     after = stats(qada_server)
-    # Every decode row went through our path, and policy full read every group.
-    assert after["kv_group_decisions"]["local"] == before["kv_group_decisions"]["local"]
+    # Decode rows went through our path, and policy full skipped nothing (rows shorter than
+    # sinks + window count as local: they have no bulk to read).
     assert after["kv_group_decisions"]["long"] > before["kv_group_decisions"]["long"]
+    assert after["kv_bytes"]["skipped"] == before["kv_bytes"]["skipped"]
+    assert after["kv_bytes"]["read"] > before["kv_bytes"]["read"]
 
 
 @pytest.mark.parametrize("context, depth, passkey", [(4000, 0.5, "71432"), (7000, 0.2, "30917")])
@@ -87,7 +89,7 @@ def test_qada_retrieves_passkey_with_mostly_local_groups(qada_server, qada_clien
 def test_counters_are_exact(qada_server, qada_client):
     set_policy(qada_server, policy="random", random_fraction=0.5, seed=1)
     before = stats(qada_server)
-    reply = qada_client.completions.create(model=SERVED_NAME, prompt="Tell me a story.",
+    reply = qada_client.completions.create(model=SERVED_NAME, prompt="Tell me a story. " * 60,
                                            max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
     after = stats(qada_server)
     decode_steps = reply.usage.completion_tokens - 1  # the first token comes from the prefill
@@ -139,3 +141,37 @@ def test_bad_policy_is_a_clear_400_and_changes_nothing(qada_server, qada_client,
     assert reply.status_code == 400 and needle in reply.json()["error"]["message"]
     assert httpx.get(qada_server.url + "/v1/qada/policy", headers=AUTH).json() == current
     assert qada_client.completions.create(model=SERVED_NAME, prompt="Hi", max_tokens=2).choices
+
+
+def scrape(server) -> dict[tuple, float]:
+    """{(sample name, sorted labels): value} from the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics").text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    return sum(v for (n, ls), v in samples.items()
+               if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
+
+
+def test_prometheus_metrics_count_every_decision_exactly(qada_server, qada_client):
+    set_policy(qada_server, policy="qada")
+    before = scrape(qada_server)
+    reply = qada_client.completions.create(model=SERVED_NAME, prompt="Write about the sea. " * 40,
+                                           max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    after = scrape(qada_server)
+    steps, prompt = reply.usage.completion_tokens - 1, reply.usage.prompt_tokens
+    delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+    assert delta("qada_head_decisions_total", level="head") == steps * 30 * 9
+    assert delta("qada_head_decisions_total", level="kv_group") == steps * 30 * 3
+    assert len({dict(ls)["layer"] for (n, ls) in after if n == "qada_head_decisions_total"}) == 30
+    # fp32 K+V of one token of one KV head: 2 * 64 * 4 bytes; the sequence grows by one per step
+    context = sum(prompt + i for i in range(1, steps + 1))
+    assert (delta("qada_kv_bytes_read_total") + delta("qada_kv_bytes_skipped_total")
+            == context * 30 * 3 * 512)
+    assert delta("qada_long_context_fraction_count") == steps  # one observation per engine step
+    assert total(after, "qada_policy_info", policy="qada", tau="0.8") == 1
+    assert total(after, "vllm:generation_tokens_total") > 0  # vLLM's own metrics still served
