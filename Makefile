@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/smollm2-cpu.yaml
 
-.PHONY: install model serve test unit clean
+.PHONY: install system-deps model serve test unit dashboard clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -c "import vllm, transformers; from transformers import LlamaConfig"
 	touch $@
 
+# Debian packages for the observability tests (a real Prometheus, promtool, docker-compose to
+# validate the compose file); without them those tests are skipped outside CI.
+system-deps:
+	@command -v prometheus >/dev/null && command -v docker-compose >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus docker-compose; }
+
 model: install
 	$(BIN)/qada prepare-model
 
@@ -28,6 +34,9 @@ test: model
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
+
+dashboard: install
+	$(BIN)/python docker/grafana/dashboard.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -111,7 +111,8 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
             static_mask=None if state.static_heads is None else state.static_heads[layer_index],
             generator=state.generator,
         )
-        state.counters.record(layer_index, result.long_heads, result.long_groups, meta.decode_seq_lens,
+        state.counters.record(layer_index, meta.decode_req_ids, result.long_heads, result.long_groups,
+                              meta.decode_seq_lens,
                               local_tokens=cfg.t_sink + cfg.t_local,
                               token_bytes=2 * self.head_size * kv_cache.element_size())
         return result.output.view_as(query)

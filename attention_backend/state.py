@@ -3,7 +3,7 @@ counters. One instance per worker process (`WORKER_STATE`)."""
 from __future__ import annotations
 
 import json
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +12,31 @@ from torch import Tensor
 from . import metrics
 from .moments import KeyMoments, stack_moments
 from .policy import PolicyConfig
+
+
+@dataclass
+class RequestDecisions:
+    decode_steps: int = 0
+    heads: int = 0
+    long_heads: int = 0
+    groups: int = 0
+    long_groups: int = 0
+
+    def add(self, layers: int, num_heads: int, num_kv_heads: int, long_heads: int, long_groups: int) -> None:
+        self.decode_steps += 1
+        self.heads += layers * num_heads
+        self.long_heads += long_heads
+        self.groups += layers * num_kv_heads
+        self.long_groups += long_groups
+
+    def merge(self, other: RequestDecisions) -> None:
+        for key, value in other.__dict__.items():
+            setattr(self, key, getattr(self, key) + value)
+
+    def as_dict(self) -> dict:
+        return {"decode_steps": self.decode_steps,
+                "head_decisions": {"long": self.long_heads, "local": self.heads - self.long_heads},
+                "kv_group_decisions": {"long": self.long_groups, "local": self.groups - self.long_groups}}
 
 
 @dataclass
@@ -29,9 +54,14 @@ class DecisionCounters:
     kv_bytes_skipped: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     step_long_groups: int = 0
     step_groups: int = 0
+    step_req_ids: list[str] = field(default_factory=list)
+    step_row_long: Tensor | None = None  # [rows, 2]: long heads, long groups, summed over layers
+    step_layers: int = 0
+    per_request: OrderedDict = field(default_factory=OrderedDict)  # req id -> RequestDecisions
+    max_requests: int = 4096  # finished requests kept for lookups, oldest dropped first
 
-    def record(self, layer: int, long_heads: Tensor, long_groups: Tensor, seq_lens: Tensor,
-               local_tokens: int, token_bytes: int) -> None:
+    def record(self, layer: int, req_ids: list[str], long_heads: Tensor, long_groups: Tensor,
+               seq_lens: Tensor, local_tokens: int, token_bytes: int) -> None:
         """One layer's decisions for the decode rows of a step; `token_bytes` is the K+V size of
         one token of one KV head."""
         rows, heads = long_heads.shape
@@ -48,6 +78,9 @@ class DecisionCounters:
         self.kv_bytes_skipped[layer] += skipped
         self.step_long_groups += n_long_groups
         self.step_groups += rows * groups
+        row_long = torch.stack([long_heads.sum(1), long_groups.sum(1)], dim=1)
+        self.step_row_long = row_long if self.step_row_long is None else self.step_row_long + row_long
+        self.step_req_ids, self.step_layers = req_ids, self.step_layers + 1
         label = str(layer)
         for level, long, total in (("head", n_long_heads, rows * heads),
                                    ("kv_group", n_long_groups, rows * groups)):
@@ -60,7 +93,24 @@ class DecisionCounters:
         """Close an engine step: one observation of its long-context fraction."""
         if self.step_groups:
             metrics.LONG_CONTEXT_FRACTION.observe(self.step_long_groups / self.step_groups)
-        self.step_long_groups = self.step_groups = 0
+        if self.step_row_long is not None:
+            for req_id, (heads, groups) in zip(self.step_req_ids, self.step_row_long.tolist()):
+                entry = self.per_request.pop(req_id, None) or RequestDecisions()
+                entry.add(self.step_layers, self.num_heads, self.num_kv_heads, heads, groups)
+                self.per_request[req_id] = entry  # most recently used last
+            while len(self.per_request) > self.max_requests:
+                self.per_request.popitem(last=False)
+        self.step_long_groups = self.step_groups = self.step_layers = 0
+        self.step_row_long, self.step_req_ids = None, []
+
+    def request(self, prefix: str) -> dict:
+        """Decisions of the engine requests whose id starts with `prefix` + "-" (one API request
+        may fan out into several, e.g. completions with several prompts)."""
+        total = RequestDecisions()
+        for req_id, entry in self.per_request.items():
+            if req_id.startswith(prefix + "-"):
+                total.merge(entry)
+        return total.as_dict()
 
     def snapshot(self) -> dict:
         return {

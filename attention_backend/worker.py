@@ -27,3 +27,7 @@ class QadaCPUWorker(CPUWorker):
 
     def qada_settings(self) -> dict:
         return WORKER_STATE.settings
+
+    def qada_request_stats(self, request_id: str) -> dict:
+        """Decisions of one API request (its response id), for collective_rpc."""
+        return WORKER_STATE.counters.request(request_id)

@@ -42,6 +42,7 @@ def vllm_command(cfg: ServeConfig, model_path: Path) -> list[str]:
         "--max-num-seqs", str(engine.max_num_seqs),
         "--seed", str(engine.seed),
         "--middleware", "serving.middleware.OpenAIErrorShape",
+        "--middleware", "serving.request_stats.QadaRequestStats",
         "--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching",
     ]
     if engine.max_model_len:

@@ -175,3 +175,29 @@ def test_prometheus_metrics_count_every_decision_exactly(qada_server, qada_clien
     assert delta("qada_long_context_fraction_count") == steps  # one observation per engine step
     assert total(after, "qada_policy_info", policy="qada", tau="0.8") == 1
     assert total(after, "vllm:generation_tokens_total") > 0  # vLLM's own metrics still served
+
+
+def test_per_request_stats_add_up_to_the_global_counters(qada_server, qada_client):
+    set_policy(qada_server, policy="qada")
+    prompt = "The history of the lighthouse. " * 30
+    plain = qada_client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=4)
+    assert "qada" not in plain.model_dump()["usage"]  # off unless asked for
+    before = stats(qada_server)
+    reply = qada_client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=9, temperature=0,
+                                           extra_body={"ignore_eos": True},
+                                           extra_headers={"X-QAdA-Stats": "1"})
+    after = stats(qada_server)
+    mine = reply.model_dump()["usage"]["qada"]
+    assert mine["decode_steps"] == reply.usage.completion_tokens - 1
+    for level in ("head_decisions", "kv_group_decisions"):
+        assert mine[level] == {k: after[level][k] - before[level][k] for k in ("long", "local")}
+    assert sum(mine["head_decisions"].values()) == mine["decode_steps"] * 30 * 9
+
+    stream = qada_client.chat.completions.create(
+        model=SERVED_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=6,
+        stream=True, stream_options={"include_usage": True}, extra_headers={"X-QAdA-Stats": "1"})
+    chunks = list(stream)
+    assert any(c.choices and c.choices[0].delta.content for c in chunks)
+    usage = chunks[-1].model_dump()["usage"]
+    assert usage["qada"]["decode_steps"] == usage["completion_tokens"] - 1
+    assert sum(usage["qada"]["kv_group_decisions"].values()) == usage["qada"]["decode_steps"] * 30 * 3

@@ -92,6 +92,7 @@ def run_both(batch, vllm_config, dtype, settings: dict):
     out_stock, out_ours = torch.zeros_like(batch.query), torch.full_like(batch.query, float("nan"))
     stock.forward(layer, batch.query, None, None, batch.kv, stock_meta, out_stock)
     ours.forward(layer, batch.query, None, None, batch.kv, ours_meta, out_ours)
+    WORKER_STATE.counters.end_step()
     return out_stock.float(), out_ours.float()
 
 
