@@ -21,7 +21,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 
-from .cpu_kernel import paged_decode
+from .cpu_kernel import DecodePlan, paged_decode, plan_decode
 from .state import WORKER_STATE
 
 @dataclass
@@ -34,6 +34,7 @@ class QadaCPUMetadata:
     decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
     decode_req_ids: list[str]
     prefill: CPUAttentionMetadata | None  # stock metadata of the prefill sub-batch
+    plan: DecodePlan | None = None  # decode indices shared by all layers, built by the first
 
 
 class QadaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -104,9 +105,12 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
         if cfg.policy == "qada" and cfg.stats == "prompt":
             moments = state.prompt_moments(layer_index, meta.decode_req_ids, key_cache,
                                            meta.decode_block_table, meta.decode_seq_lens.tolist(), cfg)
+        if meta.plan is None:
+            meta.plan = plan_decode(meta.decode_block_table, meta.decode_seq_lens, cfg,
+                                    block_size=block_size, num_kv_heads=num_kv_heads)
         result = paged_decode(
             query.view(meta.num_decodes, self.num_heads, self.head_size), key_cache, value_cache,
-            meta.decode_block_table, meta.decode_seq_lens, self.scale, cfg, moments=moments,
+            meta.decode_block_table, meta.decode_seq_lens, self.scale, cfg, moments=moments, plan=meta.plan,
             calib=None if state.calib is None else (state.calib[0][layer_index], state.calib[1][layer_index]),
             static_mask=None if state.static_heads is None else state.static_heads[layer_index],
             generator=state.generator,

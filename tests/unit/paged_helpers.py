@@ -130,3 +130,33 @@ def masked_reference(case: PagedCase, long_groups: Tensor, t_sink: int, t_local:
 
 def tolerance(dtype: torch.dtype) -> dict[str, float]:
     return {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+
+
+def relayout(case: PagedCase, run_lengths: list[int], seed: int = 0) -> PagedCase:
+    """The same case with each row's blocks stored as runs of physically consecutive blocks,
+    run lengths cycling through `run_lengths`, runs placed in shuffled order with a spare block
+    between them (so neighbouring runs never merge)."""
+    gen = torch.Generator().manual_seed(seed)
+    bs = case.block_size
+    runs = []  # (row, first logical block, length)
+    for b, length in enumerate(case.seq_lens.tolist()):
+        n_blocks, j, r = -(-length // bs), 0, 0
+        while j < n_blocks:
+            size = min(run_lengths[r % len(run_lengths)], n_blocks - j)
+            runs.append((b, j, size))
+            j, r = j + size, r + 1
+    order = torch.randperm(len(runs), generator=gen).tolist()
+    owned = set(case.block_table[case.block_table < case.kv.shape[0]].tolist())
+    spare = next(i for i in range(case.kv.shape[0]) if i not in owned)  # NaN-filled
+    table = torch.full_like(case.block_table, GARBAGE_BLOCK)
+    src, used = [], 0
+    for i in order:
+        b, j, size = runs[i]
+        table[b, j : j + size] = torch.arange(used, used + size, dtype=table.dtype)
+        src.append(case.block_table[b, j : j + size].long())
+        src.append(torch.tensor([spare]))
+        used += size + 1
+    kv = case.kv[torch.cat(src)].contiguous()
+    key_cache, value_cache = kv.chunk(2, dim=2)
+    return PagedCase(case.query, case.keys, case.values, kv, key_cache, value_cache, table,
+                     case.seq_lens, case.scale)

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from attention_backend.cpu_kernel import paged_decode
+from attention_backend.cpu_kernel import paged_decode, plan_decode
 from attention_backend.moments import KeyMoments, stack_moments
 from attention_backend.policy import PolicyConfig, group_rule
 from paged_helpers import (
     PagedCase,
     local_positions,
     make_case,
+    relayout,
     masked_reference,
     row_scores,
     sdpa_row,
@@ -214,3 +215,54 @@ def test_local_groups_never_read_bulk(case: PagedCase, policy: str) -> None:
     result = decode(case, cfg, static_mask=mask)
     assert torch.equal(result.long_groups, expected_groups)
     assert_matches_masked_reference(case, result)
+
+
+# Layouts of the block table: fully fragmented (make_case), in-place runs longer than the chunk
+# sizes of the kernel, and mixes of short (gathered) and long (read in place) runs.
+LAYOUTS = {"shuffled": None, "contiguous": [10**6], "mixed": [1, 5, 1, 1, 40, 3, 2],
+           "pairs": [2, 1]}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", ["full", "static", "oracle"])
+def test_block_layouts_agree(layout: str, dtype: torch.dtype, policy: str) -> None:
+    # bs 16: rows of up to 75 blocks cross MAX_CHUNK (32) and CONVERT_CHUNK (16) boundaries;
+    # short rows (40, 81, 100) have no bulk or a bulk inside one or two blocks.
+    seq_lens = [1200, 40, 81, 100, 777, 1024]
+    case = make_case(seq_lens, num_kv_heads=3, group=2, block_size=16, dtype=dtype, seed=5)
+    if LAYOUTS[layout] is not None:
+        case = relayout(case, LAYOUTS[layout], seed=1)
+    mask = torch.tensor([True, False, False, False, True, True])  # groups 0 and 2 long
+    result = decode(case, PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL, tau=0.5),
+                    static_mask=mask)
+    if policy == "full":
+        expected = torch.stack([sdpa_row(case, b) for b in range(len(seq_lens))])
+        torch.testing.assert_close(result.output.float(), expected, **tolerance(dtype))
+    else:
+        assert_matches_masked_reference(case, result)
+
+
+@pytest.mark.parametrize("t_sink,t_local", [(T_SINK, T_LOCAL), (0, 1), (40, 200), (16, 128)])
+def test_plan_shared_across_layers(t_sink: int, t_local: int) -> None:
+    case = relayout(make_case([1, 20, 130, 129, 700], 3, 3, 32, torch.float32, seed=2), [3, 1])
+    cfg = PolicyConfig(policy="static", t_sink=t_sink, t_local=t_local)
+    plan = plan_decode(case.block_table, case.seq_lens, cfg, block_size=32, num_kv_heads=3)
+    for layer in range(3):  # different static masks per layer, one plan
+        mask = (torch.arange(9) // 3) == layer
+        with_plan = decode(case, cfg, static_mask=mask, plan=plan)
+        without = decode(case, cfg, static_mask=mask)
+        torch.testing.assert_close(with_plan.output, without.output, rtol=0, atol=0)
+        assert_matches_masked_reference(case, with_plan, t_sink, t_local)
+    with pytest.raises(ValueError, match="plan does not match"):
+        decode(case, PolicyConfig(policy="local", t_sink=t_sink, t_local=t_local + 1), plan=plan)
+
+
+def test_local_tolerates_nan_in_unwritten_tails_and_far_scores() -> None:
+    """Window slots reaching back past the row, NaN tails, and scores far below the max (exp
+    would underflow to denormals) must neither leak NaN nor lose precision."""
+    case = make_case([33, 64, 65, 500], 2, 2, 32, torch.float32, seed=4)
+    case.query[3] *= 40.0  # scores spread over hundreds: many exp arguments below -87
+    for policy in ("local", "full"):
+        result = decode(case, PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL))
+        assert_matches_masked_reference(case, result)
