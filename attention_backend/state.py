@@ -55,10 +55,13 @@ class DecisionCounters:
     step_long_groups: int = 0
     step_groups: int = 0
     step_req_ids: list[str] = field(default_factory=list)
-    step_row_long: Tensor | None = None  # [rows, 2]: long heads, long groups, summed over layers
-    step_layers: int = 0
+    step_heads: list[Tensor] = field(default_factory=list)  # per layer: long heads [rows, Hq]
+    step_groups_long: list[Tensor] = field(default_factory=list)  # per layer: [rows] counts
     per_request: OrderedDict = field(default_factory=OrderedDict)  # req id -> RequestDecisions
     max_requests: int = 4096  # finished requests kept for lookups, oldest dropped first
+    traces: OrderedDict = field(default_factory=OrderedDict)  # req id -> [[layers, Hq] bool per step]
+    max_traces: int = 16  # the most recent requests keep a per-token trace
+    max_trace_steps: int = 2048
 
     def record(self, layer: int, req_ids: list[str], long_heads: Tensor, long_groups: Tensor,
                seq_lens: Tensor, local_tokens: int, token_bytes: int) -> None:
@@ -78,9 +81,9 @@ class DecisionCounters:
         self.kv_bytes_skipped[layer] += skipped
         self.step_long_groups += n_long_groups
         self.step_groups += rows * groups
-        row_long = torch.stack([long_heads.sum(1), long_groups.sum(1)], dim=1)
-        self.step_row_long = row_long if self.step_row_long is None else self.step_row_long + row_long
-        self.step_req_ids, self.step_layers = req_ids, self.step_layers + 1
+        self.step_req_ids = req_ids
+        self.step_heads.append(long_heads)
+        self.step_groups_long.append(long_groups.sum(1))
         label = str(layer)
         for level, long, total in (("head", n_long_heads, rows * heads),
                                    ("kv_group", n_long_groups, rows * groups)):
@@ -93,15 +96,33 @@ class DecisionCounters:
         """Close an engine step: one observation of its long-context fraction."""
         if self.step_groups:
             metrics.LONG_CONTEXT_FRACTION.observe(self.step_long_groups / self.step_groups)
-        if self.step_row_long is not None:
-            for req_id, (heads, groups) in zip(self.step_req_ids, self.step_row_long.tolist()):
+        if self.step_heads:
+            heads = torch.stack(self.step_heads, dim=1)  # [rows, layers, Hq]
+            groups_long = torch.stack(self.step_groups_long, dim=1).sum(1).tolist()
+            layers = heads.shape[1]
+            for row, req_id in enumerate(self.step_req_ids):
                 entry = self.per_request.pop(req_id, None) or RequestDecisions()
-                entry.add(self.step_layers, self.num_heads, self.num_kv_heads, heads, groups)
+                entry.add(layers, self.num_heads, self.num_kv_heads, int(heads[row].sum()), groups_long[row])
                 self.per_request[req_id] = entry  # most recently used last
-            while len(self.per_request) > self.max_requests:
-                self.per_request.popitem(last=False)
-        self.step_long_groups = self.step_groups = self.step_layers = 0
-        self.step_row_long, self.step_req_ids = None, []
+                trace = self.traces.pop(req_id, [])
+                if len(trace) < self.max_trace_steps:
+                    trace.append(heads[row].clone())
+                self.traces[req_id] = trace
+            for table, limit in ((self.per_request, self.max_requests), (self.traces, self.max_traces)):
+                while len(table) > limit:
+                    table.popitem(last=False)
+        self.step_long_groups = self.step_groups = 0
+        self.step_heads, self.step_groups_long, self.step_req_ids = [], [], []
+
+    def trace(self, prefix: str) -> dict | None:
+        """Per decode step, which (layer, query head) went long, for the first engine request of
+        the API request `prefix`; None if it is not among the most recent ones."""
+        req_id = next((r for r in self.traces if r.startswith(prefix + "-")), None)
+        if req_id is None:
+            return None
+        steps = self.traces[req_id]
+        return {"request_id": req_id, "num_layers": steps[0].shape[0] if steps else 0,
+                "num_heads": self.num_heads, "long": [step.int().tolist() for step in steps]}
 
     def request(self, prefix: str) -> dict:
         """Decisions of the engine requests whose id starts with `prefix` + "-" (one API request

@@ -31,3 +31,7 @@ class QadaCPUWorker(CPUWorker):
     def qada_request_stats(self, request_id: str) -> dict:
         """Decisions of one API request (its response id), for collective_rpc."""
         return WORKER_STATE.counters.request(request_id)
+
+    def qada_request_trace(self, request_id: str) -> dict | None:
+        """Per-token (layer, head) decisions of one recent API request, for collective_rpc."""
+        return WORKER_STATE.counters.trace(request_id)

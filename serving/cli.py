@@ -48,6 +48,18 @@ def _serve(args: argparse.Namespace) -> None:
     serve(cfg, args.cache_dir)
 
 
+def _heatmap(args: argparse.Namespace) -> None:
+    from serving.heatmap import fetch_decisions, plot, run_prompt
+
+    tokens = None
+    request_id = args.request_id
+    if request_id is None:
+        if args.prompt is None:
+            raise ValueError("give --request-id or --prompt")
+        request_id, tokens = run_prompt(args.url, args.api_key, args.model, args.prompt, args.max_tokens)
+    print(plot(fetch_decisions(args.url, request_id, args.api_key), Path(args.output), tokens))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qada", description=__doc__)
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -80,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override any config key, e.g. --set engine.dtype=bfloat16")
     srv.add_argument("vllm_args", nargs="*", help=argparse.SUPPRESS)
     srv.set_defaults(func=_serve)
+
+    heat = sub.add_parser("heatmap", help="PNG of one request's per-token (layer, head) decisions")
+    heat.add_argument("--url", default="http://127.0.0.1:8000", help="a running QAdA server")
+    heat.add_argument("--api-key")
+    heat.add_argument("--request-id", help="a recent response id (cmpl-... / chatcmpl-...)")
+    heat.add_argument("--prompt", help="run this prompt (greedy) and show its decisions")
+    heat.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
+    heat.add_argument("--model")
+    heat.add_argument("--max-tokens", type=int, default=32)
+    heat.add_argument("-o", "--output", default="qada-heatmap.png")
+    heat.set_defaults(func=_heatmap)
     return parser
 
 
@@ -88,9 +111,11 @@ def main(argv: list[str] | None = None) -> None:
     from serving.models import PrepareError
 
     args = build_parser().parse_args(argv)
+    if getattr(args, "prompt_file", None):
+        args.prompt = args.prompt_file.read_text()
     try:
         args.func(args)
-    except (ConfigError, PrepareError, FileNotFoundError) as exc:
+    except (ConfigError, PrepareError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"qada: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

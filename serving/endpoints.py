@@ -73,6 +73,19 @@ async def get_stats(request: Request):
     }
 
 
+@router.get("/v1/qada/requests/{request_id}/decisions")
+async def get_request_decisions(request_id: str, request: Request):
+    """For one recent request (its response id): per generated token, per layer, which query
+    heads went long (1) or stayed local (0). The worker keeps the most recent requests only."""
+    if not request.app.state.qada_enabled:
+        return _error(409, "QAdA attention is not enabled on this server")
+    trace = await _rpc(request, "qada_request_trace", request_id)
+    if trace is None:
+        return _error(404, f"no decisions recorded for request {request_id!r} (only recent "
+                           "requests are kept)")
+    return trace
+
+
 class QadaEndpoints:
     name = "qada_endpoints"
     required_tasks = None

@@ -23,6 +23,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class Prometheus:
+    """Debian's `prometheus` on loopback, scraping `target` (host:port) every second."""
+
+    def __init__(self, binary: str, target: str, work: Path):
+        import yaml
+
+        (work / "prometheus.yml").write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [{"job_name": "qada", "static_configs": [{"targets": [target]}]}],
+        }))
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.proc = subprocess.Popen(
+            [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
+             f"--web.listen-address={self.url.removeprefix('http://')}"],
+            stdout=open(work / "log", "w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/-/ready", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("prometheus did not become ready: " + (work / "log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
 @pytest.fixture(scope="session")
 def model_path() -> Path:
     from serving.models import prepare_model

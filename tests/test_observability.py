@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from conftest import REPO, SERVED_NAME, free_port
+from conftest import REPO, SERVED_NAME, Prometheus
 
 DOCKER = REPO / "docker"
 
@@ -82,30 +82,10 @@ def test_dashboard_file_is_what_the_generator_writes():
 @pytest.fixture(scope="module")
 def prometheus(qada_server, tmp_path_factory):
     """A real Prometheus on loopback scraping the QAdA test server every second."""
-    binary = tool("prometheus")
-    work = tmp_path_factory.mktemp("prometheus")
-    target = qada_server.url.removeprefix("http://")
-    (work / "prometheus.yml").write_text(yaml.safe_dump({
-        "global": {"scrape_interval": "1s"},
-        "scrape_configs": [{"job_name": "qada", "static_configs": [{"targets": [target]}]}],
-    }))
-    port = free_port()
-    proc = subprocess.Popen([binary, f"--config.file={work / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={work / 'data'}",
-                             f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=open(work / "log", "w"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(60):
-            try:
-                if httpx.get(url + "/-/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(30)
+    server = Prometheus(tool("prometheus"), qada_server.url.removeprefix("http://"),
+                        tmp_path_factory.mktemp("prometheus"))
+    yield server.url
+    server.stop()
 
 
 def test_every_dashboard_query_returns_data(prometheus, qada_server, qada_client):

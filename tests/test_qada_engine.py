@@ -201,3 +201,28 @@ def test_per_request_stats_add_up_to_the_global_counters(qada_server, qada_clien
     usage = chunks[-1].model_dump()["usage"]
     assert usage["qada"]["decode_steps"] == usage["completion_tokens"] - 1
     assert sum(usage["qada"]["kv_group_decisions"].values()) == usage["qada"]["decode_steps"] * 30 * 3
+
+
+def test_decision_trace_and_heatmap(qada_server, qada_client, tmp_path):
+    import subprocess
+    import sys
+
+    set_policy(qada_server, policy="qada")
+    reply = qada_client.completions.create(model=SERVED_NAME, prompt="A walk by the river. " * 40,
+                                           max_tokens=7, temperature=0, extra_body={"ignore_eos": True},
+                                           extra_headers={"X-QAdA-Stats": "1"})
+    trace = httpx.get(f"{qada_server.url}/v1/qada/requests/{reply.id}/decisions", headers=AUTH).json()
+    steps = reply.usage.completion_tokens - 1
+    assert len(trace["long"]) == steps and len(trace["long"][0]) == 30 and len(trace["long"][0][0]) == 9
+    usage = reply.model_dump()["usage"]["qada"]
+    assert sum(map(sum, (h for step in trace["long"] for h in step))) == usage["head_decisions"]["long"]
+
+    missing = httpx.get(f"{qada_server.url}/v1/qada/requests/cmpl-nope/decisions", headers=AUTH)
+    assert missing.status_code == 404 and "cmpl-nope" in missing.json()["error"]["message"]
+
+    out = tmp_path / "heatmap.png"
+    result = subprocess.run([sys.executable, "-m", "serving.cli", "heatmap", "--url", qada_server.url,
+                             "--api-key", API_KEY, "--prompt", "The river flows. " * 30,
+                             "--max-tokens", "6", "-o", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
