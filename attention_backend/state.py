@@ -52,8 +52,6 @@ class DecisionCounters:
     long_groups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     kv_bytes_read: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     kv_bytes_skipped: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-    step_long_groups: int = 0
-    step_groups: int = 0
     step_req_ids: list[str] = field(default_factory=list)
     step_heads: list[Tensor] = field(default_factory=list)  # per layer: long heads [rows, Hq]
     step_groups_long: list[Tensor] = field(default_factory=list)  # per layer: [rows] counts
@@ -79,8 +77,6 @@ class DecisionCounters:
         self.long_groups[layer] += n_long_groups
         self.kv_bytes_read[layer] += read
         self.kv_bytes_skipped[layer] += skipped
-        self.step_long_groups += n_long_groups
-        self.step_groups += rows * groups
         self.step_req_ids = req_ids
         self.step_heads.append(long_heads)
         self.step_groups_long.append(long_groups.sum(1))
@@ -93,25 +89,26 @@ class DecisionCounters:
         metrics.KV_BYTES_SKIPPED.labels(label).inc(skipped)
 
     def end_step(self) -> None:
-        """Close an engine step: one observation of its long-context fraction."""
-        if self.step_groups:
-            metrics.LONG_CONTEXT_FRACTION.observe(self.step_long_groups / self.step_groups)
-        if self.step_heads:
-            heads = torch.stack(self.step_heads, dim=1)  # [rows, layers, Hq]
-            groups_long = torch.stack(self.step_groups_long, dim=1).sum(1).tolist()
-            layers = heads.shape[1]
-            for row, req_id in enumerate(self.step_req_ids):
-                entry = self.per_request.pop(req_id, None) or RequestDecisions()
-                entry.add(layers, self.num_heads, self.num_kv_heads, int(heads[row].sum()), groups_long[row])
-                self.per_request[req_id] = entry  # most recently used last
-                trace = self.traces.pop(req_id, [])
-                if len(trace) < self.max_trace_steps:
-                    trace.append(heads[row].clone())
-                self.traces[req_id] = trace
-            for table, limit in ((self.per_request, self.max_requests), (self.traces, self.max_traces)):
-                while len(table) > limit:
-                    table.popitem(last=False)
-        self.step_long_groups = self.step_groups = 0
+        """Close an engine step: observe its long-context fraction, attribute its decisions to
+        requests and keep their per-token traces."""
+        if not self.step_heads:
+            return
+        heads = torch.stack(self.step_heads, dim=1)  # [rows, layers, Hq]
+        groups_long = torch.stack(self.step_groups_long, dim=1).sum(1)  # [rows]
+        rows, layers = heads.shape[:2]
+        metrics.LONG_CONTEXT_FRACTION.observe(int(groups_long.sum()) / (rows * layers * self.num_kv_heads))
+        for row, (req_id, long_heads, long_groups) in enumerate(
+                zip(self.step_req_ids, heads.sum((1, 2)).tolist(), groups_long.tolist())):
+            entry = self.per_request.pop(req_id, None) or RequestDecisions()
+            entry.add(layers, self.num_heads, self.num_kv_heads, long_heads, long_groups)
+            self.per_request[req_id] = entry  # most recently used last
+            trace = self.traces.pop(req_id, [])
+            if len(trace) < self.max_trace_steps:
+                trace.append(heads[row].clone())
+            self.traces[req_id] = trace
+        for table, limit in ((self.per_request, self.max_requests), (self.traces, self.max_traces)):
+            while len(table) > limit:
+                table.popitem(last=False)
         self.step_heads, self.step_groups_long, self.step_req_ids = [], [], []
 
     def trace(self, prefix: str) -> dict | None:

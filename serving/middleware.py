@@ -58,6 +58,11 @@ async def _send_reshaped(send: Send, start: Message, body: bytes) -> None:
     if not isinstance(error, dict):
         message = error if isinstance(error, str) else HTTPStatus(status).phrase
         body = json.dumps(openai_error(status, message)).encode()
+    await send_body(send, start, body)
+
+
+async def send_body(send: Send, start: Message, body: bytes) -> None:
+    """Send a held `http.response.start` with a rewritten body and its new content-length."""
     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
     headers.append((b"content-length", str(len(body)).encode()))
     await send({**start, "headers": headers})

@@ -11,6 +11,8 @@ import json
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serving.middleware import send_body
+
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 HEADER = "x-qada-stats"
 
@@ -64,10 +66,7 @@ class QadaRequestStats:
             elif not more:
                 payload = json.loads(pending)
                 await stats_for(payload)
-                body = json.dumps(payload).encode()
-                headers = [(k, v) for k, v in start["headers"] if k.lower() != b"content-length"]
-                await send({**start, "headers": headers + [(b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await send_body(send, start, json.dumps(payload).encode())
 
         await self.app(scope, receive, wrapped)
 

@@ -98,7 +98,8 @@ def test_every_dashboard_query_returns_data(prometheus, qada_server, qada_client
                                        extra_body={"ignore_eos": True})
     time.sleep(3)  # the last scrape after the traffic
     empty = []
-    for expr in load_dashboard_module().queries(load_dashboard_module().dashboard()):
+    dashboard = load_dashboard_module()
+    for expr in dashboard.queries(dashboard.dashboard()):
         query = expr.replace("$__rate_interval", "2m")
         reply = httpx.get(prometheus + "/api/v1/query", params={"query": query}).json()
         assert reply["status"] == "success", (query, reply)
