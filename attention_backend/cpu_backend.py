@@ -22,18 +22,23 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 
 from .cpu_kernel import DecodePlan, paged_decode, plan_decode
+from .observe import observe_decode
 from .state import WORKER_STATE
+
 
 @dataclass
 class QadaCPUMetadata:
-    """Decode rows come first in the batch (the builder asks vLLM to reorder)."""
+    """Decode rows come first in the batch (the builder asks vLLM to reorder). With `decode_tail`,
+    the last prompt tokens of prefill rows are also decoded on our path, as extra decode rows
+    (after the prefill computed them exactly) whose output replaces the prefill's."""
 
-    num_decodes: int
-    num_decode_tokens: int
+    num_decodes: int  # rows on our decode path: the batch's decode rows, then prompt-tail tokens
+    num_decode_tokens: int  # the batch's decode rows (its first tokens)
     decode_seq_lens: torch.Tensor  # [num_decodes] CPU int
     decode_block_table: torch.Tensor  # [num_decodes, max_blocks]
     decode_req_ids: list[str]
     prefill: CPUAttentionMetadata | None  # stock metadata of the prefill sub-batch
+    decode_tokens: torch.Tensor | None = None  # token index of each decode row, if not 0..n-1
     plan: DecodePlan | None = None  # decode indices shared by all layers, built by the first
 
 
@@ -58,20 +63,50 @@ class QadaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             return super().build(common_prefix_len, cm, fast_build)
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(
             cm, decode_threshold=1)
-        prefill = None
+        tail = WORKER_STATE.decode_tail if num_prefills else 0
+        req_ids = WORKER_STATE.request_ids(cm.num_reqs) if num_decodes or tail else []
+        seq_lens = cm.seq_lens.cpu()
+        meta = QadaCPUMetadata(
+            num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens,
+            decode_seq_lens=seq_lens[:num_decodes],
+            decode_block_table=cm.block_table_tensor[:num_decodes],
+            decode_req_ids=req_ids[:num_decodes],
+            prefill=None,
+        )
         if num_prefills:
             rows = slice(num_decodes, cm.num_reqs)
             tokens = slice(num_decode_tokens, cm.num_actual_tokens)
-            prefill = super().build(common_prefix_len,
-                                    _make_metadata_with_slice(UBatchSlice(rows, tokens), cm))
-        return QadaCPUMetadata(
-            num_decodes=num_decodes,
-            num_decode_tokens=num_decode_tokens,
-            decode_seq_lens=cm.seq_lens[:num_decodes].cpu(),
-            decode_block_table=cm.block_table_tensor[:num_decodes],
-            decode_req_ids=WORKER_STATE.request_ids(num_decodes) if num_decodes else [],
-            prefill=prefill,
-        )
+            meta.prefill = super().build(common_prefix_len,
+                                         _make_metadata_with_slice(UBatchSlice(rows, tokens), cm))
+            if tail:
+                tails = _prompt_tails(cm, num_decodes, seq_lens.tolist(), tail)
+                if tails[0]:
+                    tail_tokens, tail_rows, tail_lens = tails
+                    meta.decode_tokens = torch.cat([torch.arange(num_decodes), torch.tensor(tail_tokens)])
+                    meta.decode_seq_lens = torch.cat([meta.decode_seq_lens, seq_lens.new_tensor(tail_lens)])
+                    meta.decode_block_table = torch.cat([meta.decode_block_table,
+                                                         cm.block_table_tensor[tail_rows]])
+                    meta.decode_req_ids += [req_ids[r] for r in tail_rows]
+                    meta.num_decodes += len(tail_tokens)
+        return meta
+
+
+def _prompt_tails(cm: CommonAttentionMetadata, num_decodes: int, seq_lens: list[int],
+                  tail: int) -> tuple[list[int], list[int], list[int]]:
+    """Token index, batch row and sequence length (position + 1) of each token of this step's
+    prefill chunks that is among the last `tail` tokens of its prompt."""
+    prompt_lens = WORKER_STATE.runner.input_batch.num_prompt_tokens
+    starts = cm.query_start_loc_cpu.tolist()
+    tokens, rows, lens = [], [], []
+    for r in range(num_decodes, cm.num_reqs):
+        first = seq_lens[r] - (starts[r + 1] - starts[r])  # position of the chunk's first token
+        prompt_len = int(prompt_lens[r])
+        for pos in range(max(first, prompt_len - tail), min(seq_lens[r], prompt_len)):
+            tokens.append(starts[r] + pos - first)
+            rows.append(r)
+            lens.append(pos + 1)
+    return tokens, rows, lens
 
 
 class QadaCPUImpl(CPUAttentionBackendImpl):
@@ -91,7 +126,9 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
         if meta.prefill is not None:
             # key/value are only read by the stock kernel for encoder attention (never here).
             super().forward(layer, query[nd:], None, None, kv_cache, meta.prefill, output[nd:])
-        if meta.num_decodes:
+        if meta.decode_tokens is not None:  # prompt tails: recomputed on the decode path
+            output[meta.decode_tokens] = self._decode(layer, query[meta.decode_tokens], kv_cache, meta)
+        elif meta.num_decodes:
             output[:nd] = self._decode(layer, query[:nd], kv_cache, meta)
         return output
 
@@ -104,22 +141,29 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
         moments = None
         if cfg.policy == "qada" and cfg.stats == "prompt":
             moments = state.prompt_moments(layer_index, meta.decode_req_ids, key_cache,
-                                           meta.decode_block_table, meta.decode_seq_lens.tolist(), cfg)
+                                           meta.decode_block_table, meta.decode_seq_lens.tolist(), cfg,
+                                           cached_rows=meta.num_decode_tokens)
         if meta.plan is None:
             meta.plan = plan_decode(meta.decode_block_table, meta.decode_seq_lens, cfg,
                                     block_size=block_size, num_kv_heads=num_kv_heads)
+        shape, query = query.shape, query.view(meta.num_decodes, self.num_heads, self.head_size)
         result = paged_decode(
-            query.view(meta.num_decodes, self.num_heads, self.head_size), key_cache, value_cache,
+            query, key_cache, value_cache,
             meta.decode_block_table, meta.decode_seq_lens, self.scale, cfg, moments=moments, plan=meta.plan,
             calib=None if state.calib is None else (state.calib[0][layer_index], state.calib[1][layer_index]),
             static_mask=None if state.static_heads is None else state.static_heads[layer_index],
             generator=state.generator,
         )
+        observation = None
+        if state.observe:
+            observation = observe_decode(query, key_cache, meta.decode_block_table,
+                                         meta.plan.lengths, self.scale, cfg)
         state.counters.record(layer_index, meta.decode_req_ids, result.long_heads, result.long_groups,
                               meta.decode_seq_lens,
                               local_tokens=cfg.t_sink + cfg.t_local,
-                              token_bytes=2 * self.head_size * kv_cache.element_size())
-        return result.output.view_as(query)
+                              token_bytes=2 * self.head_size * kv_cache.element_size(),
+                              observation=observation)
+        return result.output.view(shape)
 
 
 class QadaCPUBackend(CPUAttentionBackend):

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from . import metrics
 from .moments import KeyMoments, stack_moments
-from .policy import PolicyConfig
+from .observe import Observation
+from .policy import PolicyConfig, group_rule
 
 
 @dataclass
@@ -21,29 +22,59 @@ class RequestDecisions:
     long_heads: int = 0
     groups: int = 0
     long_groups: int = 0
+    # with `observe`: the oracle's decisions at the same tau, and the policy's disagreements
+    observed_steps: int = 0
+    oracle_long_heads: int = 0
+    missed_long_heads: int = 0  # oracle long, policy local (false negatives)
+    extra_long_heads: int = 0  # policy long, oracle local (false positives)
+    oracle_long_groups: int = 0
+    missed_long_groups: int = 0
+    extra_long_groups: int = 0
 
-    def add(self, layers: int, num_heads: int, num_kv_heads: int, long_heads: int, long_groups: int) -> None:
+    def add(self, layers: int, num_heads: int, num_kv_heads: int, long_heads: Tensor,
+            oracle_long: Tensor | None) -> None:
+        """One decode step; long_heads and oracle_long are bool [layers, Hq]."""
+        groups = group_rule(long_heads, num_kv_heads)
         self.decode_steps += 1
         self.heads += layers * num_heads
-        self.long_heads += long_heads
+        self.long_heads += int(long_heads.sum())
         self.groups += layers * num_kv_heads
-        self.long_groups += long_groups
+        self.long_groups += int(groups.sum())
+        if oracle_long is not None:
+            oracle_groups = group_rule(oracle_long, num_kv_heads)
+            self.observed_steps += 1
+            self.oracle_long_heads += int(oracle_long.sum())
+            self.missed_long_heads += int((oracle_long & ~long_heads).sum())
+            self.extra_long_heads += int((long_heads & ~oracle_long).sum())
+            self.oracle_long_groups += int(oracle_groups.sum())
+            self.missed_long_groups += int((oracle_groups & ~groups).sum())
+            self.extra_long_groups += int((groups & ~oracle_groups).sum())
 
     def merge(self, other: RequestDecisions) -> None:
         for key, value in other.__dict__.items():
             setattr(self, key, getattr(self, key) + value)
 
     def as_dict(self) -> dict:
-        return {"decode_steps": self.decode_steps,
-                "head_decisions": {"long": self.long_heads, "local": self.heads - self.long_heads},
-                "kv_group_decisions": {"long": self.long_groups, "local": self.groups - self.long_groups}}
+        out = {"decode_steps": self.decode_steps,
+               "head_decisions": {"long": self.long_heads, "local": self.heads - self.long_heads},
+               "kv_group_decisions": {"long": self.long_groups, "local": self.groups - self.long_groups}}
+        if self.observed_steps:
+            out["oracle"] = {
+                "decode_steps": self.observed_steps,
+                "head_decisions": {"long": self.oracle_long_heads, "missed": self.missed_long_heads,
+                                   "extra": self.extra_long_heads},
+                "kv_group_decisions": {"long": self.oracle_long_groups, "missed": self.missed_long_groups,
+                                       "extra": self.extra_long_groups},
+            }
+        return out
 
 
 @dataclass
 class DecisionCounters:
     """Exact decode-time decision counts per layer: rows decoded, query heads judged long, KV
     groups read in full (the totals are rows x heads and rows x groups), KV bytes the decisions
-    required and skipped. Mirrored into Prometheus (`metrics.py`)."""
+    required and skipped. Mirrored into Prometheus (`metrics.py`). With `observe`, also per
+    (layer, query head): rows observed, and how often the oracle, the policy, and both said long."""
 
     num_heads: int = 0
     num_kv_heads: int = 0
@@ -52,17 +83,20 @@ class DecisionCounters:
     long_groups: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     kv_bytes_read: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     kv_bytes_skipped: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    observed: dict[int, Tensor] = field(default_factory=dict)  # layer -> int64 [4, Hq]
     step_req_ids: list[str] = field(default_factory=list)
     step_heads: list[Tensor] = field(default_factory=list)  # per layer: long heads [rows, Hq]
-    step_groups_long: list[Tensor] = field(default_factory=list)  # per layer: [rows] counts
+    step_oracle: list[Tensor] = field(default_factory=list)  # per layer, with observe: [rows, Hq]
+    step_top1: list[Tensor] = field(default_factory=list)  # per layer, with observe: [rows, Hq]
     per_request: OrderedDict = field(default_factory=OrderedDict)  # req id -> RequestDecisions
     max_requests: int = 4096  # finished requests kept for lookups, oldest dropped first
-    traces: OrderedDict = field(default_factory=OrderedDict)  # req id -> [[layers, Hq] bool per step]
+    traces: OrderedDict = field(default_factory=OrderedDict)  # req id -> list of per-step dicts
     max_traces: int = 16  # the most recent requests keep a per-token trace
     max_trace_steps: int = 2048
 
     def record(self, layer: int, req_ids: list[str], long_heads: Tensor, long_groups: Tensor,
-               seq_lens: Tensor, local_tokens: int, token_bytes: int) -> None:
+               seq_lens: Tensor, local_tokens: int, token_bytes: int,
+               observation: Observation | None = None) -> None:
         """One layer's decisions for the decode rows of a step; `token_bytes` is the K+V size of
         one token of one KV head."""
         rows, heads = long_heads.shape
@@ -79,7 +113,13 @@ class DecisionCounters:
         self.kv_bytes_skipped[layer] += skipped
         self.step_req_ids = req_ids
         self.step_heads.append(long_heads)
-        self.step_groups_long.append(long_groups.sum(1))
+        if observation is not None:
+            oracle = observation.oracle_long
+            counts = torch.stack([torch.full((heads,), rows), oracle.sum(0), long_heads.sum(0),
+                                  (oracle & long_heads).sum(0)])
+            self.observed[layer] = self.observed.get(layer, torch.zeros_like(counts)) + counts
+            self.step_oracle.append(oracle)
+            self.step_top1.append(observation.top1)
         label = str(layer)
         for level, long, total in (("head", n_long_heads, rows * heads),
                                    ("kv_group", n_long_groups, rows * groups)):
@@ -94,32 +134,44 @@ class DecisionCounters:
         if not self.step_heads:
             return
         heads = torch.stack(self.step_heads, dim=1)  # [rows, layers, Hq]
-        groups_long = torch.stack(self.step_groups_long, dim=1).sum(1)  # [rows]
-        rows, layers = heads.shape[:2]
-        metrics.LONG_CONTEXT_FRACTION.observe(int(groups_long.sum()) / (rows * layers * self.num_kv_heads))
-        for row, (req_id, long_heads, long_groups) in enumerate(
-                zip(self.step_req_ids, heads.sum((1, 2)).tolist(), groups_long.tolist())):
+        layers = heads.shape[1]
+        observed = len(self.step_oracle) == layers
+        oracle = torch.stack(self.step_oracle, dim=1) if observed else None
+        top1 = torch.stack(self.step_top1, dim=1) if observed else None
+        groups_long = group_rule(heads.flatten(0, 1), self.num_kv_heads).sum()
+        metrics.LONG_CONTEXT_FRACTION.observe(int(groups_long) / (heads.numel() // self.num_heads
+                                                                   * self.num_kv_heads))
+        for row, req_id in enumerate(self.step_req_ids):
             entry = self.per_request.pop(req_id, None) or RequestDecisions()
-            entry.add(layers, self.num_heads, self.num_kv_heads, long_heads, long_groups)
+            entry.add(layers, self.num_heads, self.num_kv_heads, heads[row],
+                      None if oracle is None else oracle[row])
             self.per_request[req_id] = entry  # most recently used last
             trace = self.traces.pop(req_id, [])
             if len(trace) < self.max_trace_steps:
-                trace.append(heads[row].clone())
+                step = {"long": heads[row].clone()}
+                if observed:
+                    step.update(oracle=oracle[row].clone(), top1=top1[row].clone())
+                trace.append(step)
             self.traces[req_id] = trace
         for table, limit in ((self.per_request, self.max_requests), (self.traces, self.max_traces)):
             while len(table) > limit:
                 table.popitem(last=False)
-        self.step_heads, self.step_groups_long, self.step_req_ids = [], [], []
+        self.step_heads, self.step_oracle, self.step_top1, self.step_req_ids = [], [], [], []
 
     def trace(self, prefix: str) -> dict | None:
         """Per decode step, which (layer, query head) went long, for the first engine request of
-        the API request `prefix`; None if it is not among the most recent ones."""
+        the API request `prefix`; None if it is not among the most recent ones. Observed steps
+        also give the oracle's decisions and each head's top-1 attended position."""
         req_id = next((r for r in self.traces if r.startswith(prefix + "-")), None)
         if req_id is None:
             return None
         steps = self.traces[req_id]
-        return {"request_id": req_id, "num_layers": steps[0].shape[0] if steps else 0,
-                "num_heads": self.num_heads, "long": [step.int().tolist() for step in steps]}
+        out = {"request_id": req_id, "num_layers": steps[0]["long"].shape[0] if steps else 0,
+               "num_heads": self.num_heads, "long": [step["long"].int().tolist() for step in steps]}
+        if steps and "oracle" in steps[0]:
+            out["oracle"] = [step["oracle"].int().tolist() for step in steps]
+            out["top1"] = [step["top1"].tolist() for step in steps]
+        return out
 
     def request(self, prefix: str) -> dict:
         """Decisions of the engine requests whose id starts with `prefix` + "-" (one API request
@@ -131,7 +183,7 @@ class DecisionCounters:
         return total.as_dict()
 
     def snapshot(self) -> dict:
-        return {
+        out = {
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
             "layers": {
@@ -142,6 +194,12 @@ class DecisionCounters:
                 for layer in sorted(self.rows)
             },
         }
+        if self.observed:
+            out["observed"] = {  # per layer, lists over query heads
+                layer: dict(zip(("rows", "oracle_long", "policy_long", "both_long"), counts.tolist()))
+                for layer, counts in sorted(self.observed.items())
+            }
+        return out
 
 
 POLICY_KEYS = ("policy", "tau", "t_sink", "t_local", "stats", "random_fraction", "seed")
@@ -160,6 +218,8 @@ class WorkerState:
         self.static_heads: Tensor | None = None  # bool [layers, heads]
         self.calib: tuple[Tensor, Tensor] | None = None  # mu [layers, Hkv, D], sigma [layers, Hkv, D, D]
         self.generator = torch.Generator()
+        self.observe = False  # also compute the oracle's decisions and top-1 positions (eval only)
+        self.decode_tail = 0  # decode the last N prompt tokens on our path too (eval only)
 
     def configure(self, settings: dict) -> dict:
         """Validate and apply QAdA settings (the `attention` config section); returns them."""
@@ -177,6 +237,8 @@ class WorkerState:
         metrics.POLICY.labels(*_policy_labels(policy)).set(1)
         self.policy, self.static_heads, self.calib = policy, static_heads, calib
         self.generator = torch.Generator().manual_seed(policy.seed)
+        self.observe = bool(settings.get("observe", False))
+        self.decode_tail = int(settings.get("decode_tail", 0))
         self.settings = {**settings, **policy.__dict__}
         return self.settings
 
@@ -196,12 +258,18 @@ class WorkerState:
 
     def prompt_moments(
         self, layer: int, req_ids: list[str], key_cache: Tensor, block_table: Tensor,
-        seq_lens: list[int], cfg: PolicyConfig,
+        seq_lens: list[int], cfg: PolicyConfig, cached_rows: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Exact bulk-key moments of each row for this layer: built from the cache the first time
-        a row has a bulk, then advanced by the keys that left the window since."""
+        a row has a bulk, then advanced by the keys that left the window since. Rows from
+        `cached_rows` on (prompt-tail tokens, several per request) are built afresh each time."""
         rows = []
         for row, (req_id, seq_len) in enumerate(zip(req_ids, seq_lens)):
+            if cached_rows is not None and row >= cached_rows:
+                has_bulk = seq_len - cfg.t_local - cfg.t_sink > 0
+                rows.append(KeyMoments.build(key_cache, block_table[row], seq_len, cfg.t_sink,
+                                             cfg.t_local) if has_bulk else None)
+                continue
             per_layer = self.moments.setdefault(req_id, {})
             moments = per_layer.get(layer)
             if moments is None:
