@@ -60,6 +60,25 @@ def _heatmap(args: argparse.Namespace) -> None:
     print(plot(fetch_decisions(args.url, request_id, args.api_key), Path(args.output), tokens))
 
 
+def _eval_run(args: argparse.Namespace) -> None:
+    from evaluation.run import run
+    from serving.models import prepare_model
+
+    model_dir = Path(args.model_dir) if args.model_dir else prepare_model(args.model, args.cache_dir)
+    overrides = {"tasks": args.tasks, "contexts": args.contexts, "depths": args.depths,
+                 "taus": args.taus, "fractions": args.fractions}
+    summary = run(args.url, Path(args.out), model_dir, cache_dir=args.cache_dir, api_key=args.api_key,
+                  stock_url=args.stock_url, quick=args.quick, protocols=args.protocols,
+                  overrides=overrides)
+    print(f"{args.out}: {summary['probes']} probes in {summary['wall_s']} s")
+
+
+def _eval_report(args: argparse.Namespace) -> None:
+    from evaluation.report import write_report
+
+    print(write_report([Path(d) for d in args.runs], Path(args.docs)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qada", description=__doc__)
     parser.add_argument("--cache-dir", type=Path, default=None,
@@ -103,6 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--max-tokens", type=int, default=32)
     heat.add_argument("-o", "--output", default="qada-heatmap.png")
     heat.set_defaults(func=_heatmap)
+
+    ev = sub.add_parser("eval", help="accuracy / sparsity evaluation against a running server")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    ev_run = ev_sub.add_parser("run", help="calibrate heads, then sweep policies over long-context probes")
+    ev_run.add_argument("--url", default="http://127.0.0.1:8000", help="a running QAdA server")
+    ev_run.add_argument("--stock-url", help="a stock-attention server serving the same model (reference)")
+    ev_run.add_argument("--api-key")
+    ev_run.add_argument("--model", default="smollm2-135m-instruct", help="prepared model (tokenizer, "
+                        "key statistics)")
+    ev_run.add_argument("--model-dir", help="the model directory, instead of --model")
+    ev_run.add_argument("--out", required=True, help="output directory")
+    ev_run.add_argument("--quick", action="store_true", help="a smoke-test subset (CI)")
+    ev_run.add_argument("--protocols", nargs="+", default=["prompt", "decode"], choices=["prompt", "decode"])
+    ev_run.add_argument("--tasks", nargs="+")
+    ev_run.add_argument("--contexts", nargs="+", type=int)
+    ev_run.add_argument("--depths", nargs="+", type=float)
+    ev_run.add_argument("--taus", nargs="+", type=float)
+    ev_run.add_argument("--fractions", nargs="+", type=float, help="local shares of heads (static, random)")
+    ev_run.set_defaults(func=_eval_run)
+    ev_rep = ev_sub.add_parser("report", help="plots and docs/results.md from run directories")
+    ev_rep.add_argument("runs", nargs="+", help="directories written by `qada eval run`")
+    ev_rep.add_argument("--docs", default="docs", help="where results.md and its images go")
+    ev_rep.set_defaults(func=_eval_report)
     return parser
 
 
@@ -115,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
         args.prompt = args.prompt_file.read_text()
     try:
         args.func(args)
-    except (ConfigError, PrepareError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ConfigError, PrepareError, FileNotFoundError, ValueError, RuntimeError, OSError) as exc:
         print(f"qada: error: {exc}", file=sys.stderr)
         sys.exit(2)
 

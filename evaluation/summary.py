@@ -1,0 +1,55 @@
+"""Aggregate result rows per (protocol, setting): accuracy, sparsity at query-head and KV-group
+level, and agreement with the oracle (false-negative / false-positive rates)."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+ROW_KEYS = {"task", "probe", "context", "depth", "protocol", "setting", "family", "knob", "correct",
+            "answers", "output"}
+SETTING_KEYS = {"protocol", "setting", "family", "knob", "probes", "accuracy", "by_task"}
+
+
+def summarize(rows: list[dict]) -> dict:
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        missing = ROW_KEYS - row.keys()
+        if missing:
+            raise ValueError(f"result row lacks {sorted(missing)}")
+        groups[row["protocol"], row["setting"]].append(row)
+    settings = []
+    for (protocol, name), items in groups.items():
+        entry = {"protocol": protocol, "setting": name, "family": items[0]["family"],
+                 "knob": items[0]["knob"], "probes": len(items),
+                 "accuracy": sum(r["correct"] for r in items) / len(items), "by_task": {}}
+        for task in sorted({r["task"] for r in items}):
+            of_task = [r for r in items if r["task"] == task]
+            entry["by_task"][task] = sum(r["correct"] for r in of_task) / len(of_task)
+        if "heads_total" in items[0]:
+            for level in ("heads", "groups"):
+                total = sum(r[f"{level}_total"] for r in items)
+                entry[f"{level}_local_fraction"] = 1 - sum(r[f"{level}_long"] for r in items) / max(total, 1)
+        observed = [r["oracle"] for r in items if "oracle" in r]
+        if observed:
+            entry["agreement"] = {}
+            for level, key in (("heads", "head_decisions"), ("groups", "kv_group_decisions")):
+                total = sum(r[f"{level}_total"] for r in items if "oracle" in r)
+                long = sum(o[key]["long"] for o in observed)
+                entry["agreement"][level] = {
+                    "oracle_long_fraction": long / max(total, 1),
+                    "false_negative_rate": sum(o[key]["missed"] for o in observed) / max(long, 1),
+                    "false_positive_rate": sum(o[key]["extra"] for o in observed) / max(total - long, 1),
+                }
+        settings.append(entry)
+    return {"settings": settings, "full_vs_stock": _full_vs_stock(rows)}
+
+
+def _full_vs_stock(rows: list[dict]) -> dict | None:
+    """Accuracy of policy `full` and of the stock backend on the same probes (prompt protocol)."""
+    stock = {(r["task"], r["context"], r["probe"]): r["correct"] for r in rows if r["family"] == "stock"}
+    full = {(r["task"], r["context"], r["probe"]): r["correct"] for r in rows
+            if r["family"] == "full" and r["protocol"] == "prompt"}
+    if not stock:
+        return None
+    common = stock.keys() & full.keys()
+    return {"probes": len(common), "full_accuracy": sum(full[k] for k in common) / max(len(common), 1),
+            "stock_accuracy": sum(stock[k] for k in common) / max(len(common), 1)}
