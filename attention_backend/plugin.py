@@ -20,5 +20,5 @@ def register() -> None:
 
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, "attention_backend.cpu_backend.QadaCPUBackend")
-    else:
-        raise NotImplementedError("the QAdA GPU backend is not available yet; serve on CPU")
+    else:  # untested on hardware; select it with --attention-backend CUSTOM
+        register_backend(AttentionBackendEnum.CUSTOM, "attention_backend.gpu_backend.QadaTritonBackend")
