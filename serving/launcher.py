@@ -30,7 +30,7 @@ def resolve_model(model: str, cache_dir: Path | None = None) -> Path:
     return path
 
 
-def vllm_command(cfg: ServeConfig, model_path: Path) -> list[str]:
+def vllm_command(cfg: ServeConfig, model_path: Path, on_cpu: bool = True) -> list[str]:
     engine = cfg.engine
     args = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -54,8 +54,12 @@ def vllm_command(cfg: ServeConfig, model_path: Path) -> list[str]:
     if cfg.api_key:
         args += ["--api-key", cfg.api_key]
     if cfg.attention.enabled:
-        args += ["--additional-config", json.dumps({"qada": cfg.attention.model_dump()}),
-                 "--worker-cls", "attention_backend.worker.QadaCPUWorker"]
+        args += ["--additional-config", json.dumps({"qada": cfg.attention.model_dump()})]
+        if on_cpu:  # the CPU platform overrides CPU_ATTN and ignores --attention-backend
+            args += ["--worker-cls", "attention_backend.worker.QadaCPUWorker"]
+        else:  # the plugin registers CUSTOM on GPU
+            args += ["--attention-backend", "CUSTOM",
+                     "--worker-cls", "attention_backend.gpu_worker.QadaGPUWorker"]
     return args + engine.extra_args
 
 
@@ -75,6 +79,8 @@ def vllm_environment(cfg: ServeConfig, base: dict[str, str] | None = None) -> di
 def serve(cfg: ServeConfig, cache_dir: Path | None = None) -> None:
     """Replace this process with vLLM's OpenAI-compatible server."""
     model_path = resolve_model(cfg.model, cache_dir)
-    cmd = vllm_command(cfg, model_path)
+    from vllm.platforms import current_platform
+
+    cmd = vllm_command(cfg, model_path, on_cpu=current_platform.is_cpu())
     env = vllm_environment(cfg)
     os.execvpe(cmd[0], cmd, env)

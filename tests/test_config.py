@@ -65,6 +65,11 @@ def test_vllm_command_and_environment(tmp_path):
     assert env["VLLM_PLUGINS"] == "qada,qada_endpoints" and env["QADA_ENABLE"] == "1"
     assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    assert cmd[cmd.index("--worker-cls") + 1] == "attention_backend.worker.QadaCPUWorker"
+    assert "--attention-backend" not in cmd
+    gpu = vllm_command(cfg, tmp_path, on_cpu=False)
+    assert gpu[gpu.index("--attention-backend") + 1] == "CUSTOM"
+    assert gpu[gpu.index("--worker-cls") + 1] == "attention_backend.gpu_worker.QadaGPUWorker"
 
 
 def test_stock_config_does_not_enable_qada():
