@@ -121,7 +121,9 @@ def write_report(runs: list[Path], docs: Path) -> Path:
         slug = summary["slug"]
         plan = summary["plan"]
         out += [f"## {summary['model']}", "",
-                f"Run: `{run}`; {summary['probes']} probes (tasks {', '.join(plan['tasks'])}; contexts "
+                f"Command: `{summary.get('command') or 'qada eval run'}` (against `qada serve --config "
+                f"configs/<model>-cpu-qada.yaml`); raw results in `{run}`.", "",
+                f"{summary['probes']} probes (tasks {', '.join(plan['tasks'])}; contexts "
                 f"{plan['contexts']} tokens; depths {plan['depths']}), taus {plan['taus']}, static/random "
                 f"local shares {plan['fractions']}; wall time {summary['wall_s'] / 60:.0f} min.", ""]
         if summary.get("full_vs_stock"):

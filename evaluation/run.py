@@ -21,7 +21,7 @@ FULL = dict(tasks=list(TASKS), contexts=[2048, 4096], depths=[0.5],
 
 def run(url: str, out: Path, model_dir: Path, *, cache_dir: Path | None = None, api_key: str | None = None,
         stock_url: str | None = None, quick: bool = False, protocols=("prompt", "decode"),
-        overrides: dict | None = None, log=print) -> dict:
+        overrides: dict | None = None, command: str | None = None, log=print) -> dict:
     from transformers import AutoTokenizer
 
     from serving.longcontext import haystack_text
@@ -53,7 +53,7 @@ def run(url: str, out: Path, model_dir: Path, *, cache_dir: Path | None = None, 
     finally:
         client.set_policy(original_policy)
     summary = summarize(rows)
-    summary.update(model=client.model, model_dir=str(model_dir), plan=plan, protocols=list(protocols),
+    summary.update(command=command, model=client.model, model_dir=str(model_dir), plan=plan, protocols=list(protocols),
                    probes=len(probes), wall_s=round(time.monotonic() - started, 1))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

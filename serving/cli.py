@@ -69,7 +69,7 @@ def _eval_run(args: argparse.Namespace) -> None:
                  "taus": args.taus, "fractions": args.fractions}
     summary = run(args.url, Path(args.out), model_dir, cache_dir=args.cache_dir, api_key=args.api_key,
                   stock_url=args.stock_url, quick=args.quick, protocols=args.protocols,
-                  overrides=overrides)
+                  overrides=overrides, command="qada " + " ".join(sys.argv[1:]))
     print(f"{args.out}: {summary['probes']} probes in {summary['wall_s']} s")
 
 
