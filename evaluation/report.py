@@ -12,7 +12,7 @@ STYLE = {"oracle": "k-o", "qada-prompt": "C0-s", "qada-local": "C1-^", "qada-cal
 def _load(run: Path) -> dict:
     summary = json.loads((run / "summary.json").read_text())
     summary["profile"] = json.loads((run / "head_profile.json").read_text())
-    summary["slug"] = summary["model"].split("/")[-1]
+    summary["slug"] = run.name
     return summary
 
 
@@ -104,7 +104,7 @@ def _equal_sparsity(summary: dict, protocol: str) -> list[str]:
     return lines
 
 
-def write_report(runs: list[Path], docs: Path) -> Path:
+def write_report(runs: list[Path], docs: Path, notes: Path | None = None) -> Path:
     images = docs / "img" / "results"
     images.mkdir(parents=True, exist_ok=True)
     out = ["# Evaluation results", "",
@@ -116,6 +116,8 @@ def write_report(runs: list[Path], docs: Path) -> Path:
            "also run through the policy's decode path (`decode_tail`). FN rate = oracle-long "
            "decisions the policy made local; FP rate = oracle-local decisions it made long "
            "(oracle at the same tau).", ""]
+    if notes:  # hand-written reading of the numbers below
+        out += [notes.read_text().strip(), ""]
     for run in runs:
         summary = _load(run)
         slug = summary["slug"]

@@ -76,7 +76,8 @@ def _eval_run(args: argparse.Namespace) -> None:
 def _eval_report(args: argparse.Namespace) -> None:
     from evaluation.report import write_report
 
-    print(write_report([Path(d) for d in args.runs], Path(args.docs)))
+    print(write_report([Path(d) for d in args.runs], Path(args.docs),
+                       Path(args.notes) if args.notes else None))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev_rep = ev_sub.add_parser("report", help="plots and docs/results.md from run directories")
     ev_rep.add_argument("runs", nargs="+", help="directories written by `qada eval run`")
     ev_rep.add_argument("--docs", default="docs", help="where results.md and its images go")
+    ev_rep.add_argument("--notes", help="a Markdown file of findings to put before the runs")
     ev_rep.set_defaults(func=_eval_report)
     return parser
 
