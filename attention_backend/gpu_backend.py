@@ -8,8 +8,9 @@ Registered as `CUSTOM` by the plugin when QAdA is enabled; serve with `--attenti
 Limits: decoder self-attention with kv_cache_dtype=auto, no sliding window / ALiBi / soft cap /
 sink logits. The builder reports no CUDA-graph support (PIECEWISE graphs, attention eager):
 per-request moment rows and decision counters are host-side bookkeeping. Request ids (needed by
-qada/prompt statistics and per-request counters) come from `WORKER_STATE.runner`, which only the
-CPU worker class sets today: without it qada/prompt raises and counters are not recorded.
+qada/prompt statistics and per-request counters) come from `WORKER_STATE.runner`, which the
+worker class (`gpu_worker.QadaGPUWorker`, set by `qada serve`) provides: without it qada/prompt
+raises and counters are not recorded. `observe` and `decode_tail` (evaluation) are CPU-only.
 qada/prompt keeps S2 for every live request: max_num_seqs * Hkv * D^2 * 4 bytes per layer.
 """
 from __future__ import annotations
