@@ -32,23 +32,23 @@ class RequestDecisions:
     extra_long_groups: int = 0
 
     def add(self, layers: int, num_heads: int, num_kv_heads: int, long_heads: Tensor,
-            oracle_long: Tensor | None) -> None:
-        """One decode step; long_heads and oracle_long are bool [layers, Hq]."""
-        groups = group_rule(long_heads, num_kv_heads)
+            long_groups: Tensor, oracle: tuple[Tensor, Tensor] | None) -> None:
+        """One decode step; long_heads [layers, Hq] and long_groups [layers, Hkv] are bool, and so
+        is `oracle`'s (heads, groups) pair."""
         self.decode_steps += 1
         self.heads += layers * num_heads
         self.long_heads += int(long_heads.sum())
         self.groups += layers * num_kv_heads
-        self.long_groups += int(groups.sum())
-        if oracle_long is not None:
-            oracle_groups = group_rule(oracle_long, num_kv_heads)
+        self.long_groups += int(long_groups.sum())
+        if oracle is not None:
+            oracle_heads, oracle_groups = oracle
             self.observed_steps += 1
-            self.oracle_long_heads += int(oracle_long.sum())
-            self.missed_long_heads += int((oracle_long & ~long_heads).sum())
-            self.extra_long_heads += int((long_heads & ~oracle_long).sum())
+            self.oracle_long_heads += int(oracle_heads.sum())
+            self.missed_long_heads += int((oracle_heads & ~long_heads).sum())
+            self.extra_long_heads += int((long_heads & ~oracle_heads).sum())
             self.oracle_long_groups += int(oracle_groups.sum())
-            self.missed_long_groups += int((oracle_groups & ~groups).sum())
-            self.extra_long_groups += int((groups & ~oracle_groups).sum())
+            self.missed_long_groups += int((oracle_groups & ~long_groups).sum())
+            self.extra_long_groups += int((long_groups & ~oracle_groups).sum())
 
     def merge(self, other: RequestDecisions) -> None:
         for key, value in other.__dict__.items():
@@ -134,17 +134,18 @@ class DecisionCounters:
         if not self.step_heads:
             return
         heads = torch.stack(self.step_heads, dim=1)  # [rows, layers, Hq]
-        layers = heads.shape[1]
+        rows, layers = heads.shape[:2]
+        groups = group_rule(heads.flatten(0, 1), self.num_kv_heads).view(rows, layers, -1)
         observed = len(self.step_oracle) == layers
         oracle = torch.stack(self.step_oracle, dim=1) if observed else None
+        oracle_groups = (group_rule(oracle.flatten(0, 1), self.num_kv_heads).view(rows, layers, -1)
+                         if observed else None)
         top1 = torch.stack(self.step_top1, dim=1) if observed else None
-        groups_long = group_rule(heads.flatten(0, 1), self.num_kv_heads).sum()
-        metrics.LONG_CONTEXT_FRACTION.observe(int(groups_long) / (heads.numel() // self.num_heads
-                                                                   * self.num_kv_heads))
+        metrics.LONG_CONTEXT_FRACTION.observe(int(groups.sum()) / groups.numel())
         for row, req_id in enumerate(self.step_req_ids):
             entry = self.per_request.pop(req_id, None) or RequestDecisions()
-            entry.add(layers, self.num_heads, self.num_kv_heads, heads[row],
-                      None if oracle is None else oracle[row])
+            entry.add(layers, self.num_heads, self.num_kv_heads, heads[row], groups[row],
+                      (oracle[row], oracle_groups[row]) if observed else None)
             self.per_request[req_id] = entry  # most recently used last
             trace = self.traces.pop(req_id, [])
             if len(trace) < self.max_trace_steps:

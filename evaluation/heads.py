@@ -19,21 +19,18 @@ from .tasks import Probe
 def profile_heads(client: ServerClient, probes: list[Probe], tau: float, log=print) -> dict:
     """Oracle-long share over all observed queries, and mean retrieval score over probes, each
     [layers][heads]."""
-    oracle_long = steps = retrieval = None
+    oracle_long = retrieval = 0.0
+    steps = 0
     for n, probe in enumerate(probes):
         tail = len(probe.question_ids)
         client.set_policy({"policy": "full", "tau": tau, "observe": True, "decode_tail": tail})
         result = client.complete(probe.prompt_ids, probe.max_tokens)
         trace = client.trace(result["id"])
         oracle = torch.tensor(trace["oracle"])  # [steps, layers, heads]
-        top1 = torch.tensor(trace["top1"])
-        if oracle_long is None:
-            oracle_long = torch.zeros(oracle.shape[1:])
-            retrieval = torch.zeros(oracle.shape[1:])
-            steps = 0
-        oracle_long += oracle.sum(0)
+        oracle_long = oracle_long + oracle.sum(0)
         steps += oracle.shape[0]
-        retrieval += retrieval_score(top1, probe, result["token_ids"], first_answer_step=tail - 1)
+        retrieval = retrieval + retrieval_score(torch.tensor(trace["top1"]), probe, result["token_ids"],
+                                                first_answer_step=tail - 1)
         log(f"profiled {n + 1}/{len(probes)}: {probe.task} {probe.context} tok, output {result['text']!r}")
     return {"tau": tau, "probes": len(probes), "queries": steps,
             "oracle_long_share": (oracle_long / steps).tolist(),
@@ -44,16 +41,16 @@ def retrieval_score(top1: torch.Tensor, probe: Probe, generated: list[int],
                     first_answer_step: int) -> torch.Tensor:
     """Wu et al.: a head copies when its top-1 attended position lies in a needle and holds the
     token being generated; each copy adds 1 / |needle|. top1 [steps, layers, heads]."""
-    prompt = probe.prompt_ids
+    prompt = torch.tensor(probe.prompt_ids)
     score = torch.zeros(top1.shape[1:])
     for i, token in enumerate(generated):
         step = first_answer_step + i
         if step >= top1.shape[0]:
             break
+        pos = top1[step]
+        holds_token = prompt[pos.clamp(max=len(prompt) - 1)] == token
         for start, end in probe.needle_spans:
-            pos = top1[step]
-            inside = (pos >= start) & (pos < end)
-            copied = inside & (torch.tensor(prompt)[pos.clamp(max=len(prompt) - 1)] == token)
+            copied = (pos >= start) & (pos < end) & holds_token
             score += copied.float() / (end - start)
     return score
 

@@ -16,10 +16,17 @@ def _load(run: Path) -> dict:
     return summary
 
 
-def plot_curves(summary: dict, protocol: str, path: Path) -> None:
+def _pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(summary: dict, protocol: str, path: Path) -> None:
+    plt = _pyplot()
 
     entries = [e for e in summary["settings"] if e["protocol"] == protocol]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -46,9 +53,7 @@ def plot_curves(summary: dict, protocol: str, path: Path) -> None:
 
 
 def plot_heads(summary: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
     import torch
 
     share = torch.tensor(summary["profile"]["oracle_long_share"])

@@ -111,6 +111,17 @@ def test_oracle_decisions(case: PagedCase) -> None:
     assert_matches_masked_reference(case, result)
 
 
+def gaussian_log_ratio(case: PagedCase, b: int, n: float, mu, sigma, local) -> torch.Tensor:
+    """QAdA's estimated log(A_B / A_L) per query head of row b, for bulk keys ~ N(mu, sigma) per
+    KV head (mu [Hkv, D], sigma [Hkv, D, D]), written out independently of policy.py."""
+    group = case.query.shape[1] // case.num_kv_heads
+    mu, sigma = mu.repeat_interleave(group, 0), sigma.repeat_interleave(group, 0)
+    q = case.query[b].float()
+    est = ((math.log(n) if n > 0 else -math.inf) + case.scale * (q * mu).sum(-1)
+           + case.scale**2 * torch.einsum("hd,hde,he->h", q, sigma, q) / 2)
+    return est - local.logsumexp(-1)
+
+
 @pytest.mark.parametrize("tau", [0.3, 0.8])
 def test_qada_prompt_decisions(case: PagedCase, tau: float) -> None:
     cfg = PolicyConfig(policy="qada", stats="prompt", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
@@ -121,7 +132,6 @@ def test_qada_prompt_decisions(case: PagedCase, tau: float) -> None:
     )
     result = decode(case, cfg, moments=moments)
 
-    group = case.query.shape[1] // case.num_kv_heads
     rows = []
     for b, length in enumerate(case.seq_lens.tolist()):
         local, _ = local_and_bulk_scores(case, b)
@@ -129,13 +139,9 @@ def test_qada_prompt_decisions(case: PagedCase, tau: float) -> None:
         if bulk_keys.shape[0] == 0:
             rows.append(torch.full((case.query.shape[1],), -math.inf))
             continue
-        mu = bulk_keys.mean(0).repeat_interleave(group, 0)
+        mu = bulk_keys.mean(0)
         sigma = torch.stack([torch.cov(bulk_keys[:, h].T, correction=0) for h in range(case.num_kv_heads)])
-        sigma = sigma.repeat_interleave(group, 0)
-        q = case.query[b].float()
-        est = (math.log(bulk_keys.shape[0]) + case.scale * (q * mu).sum(-1)
-               + case.scale**2 * torch.einsum("hd,hde,he->h", q, sigma, q) / 2)
-        rows.append(est - local.logsumexp(-1))
+        rows.append(gaussian_log_ratio(case, b, bulk_keys.shape[0], mu, sigma, local))
     assert_decisions(case, result, torch.stack(rows), tau)
     assert_matches_masked_reference(case, result)
 
@@ -150,15 +156,10 @@ def test_qada_calib_decisions(case: PagedCase) -> None:
     cfg = PolicyConfig(policy="qada", stats="calib", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
     result = decode(case, cfg, calib=(mu, sigma))
 
-    group = case.query.shape[1] // case.num_kv_heads
-    mu_h, sigma_h = mu.repeat_interleave(group, 0), sigma.repeat_interleave(group, 0)
     rows = []
     for b in range(len(case.keys)):
         local, _ = local_and_bulk_scores(case, b)
-        q = case.query[b].float()
-        est = (torch.tensor(float(n_bulk(case)[b])).log() + case.scale * (q * mu_h).sum(-1)
-               + case.scale**2 * torch.einsum("hd,hde,he->h", q, sigma_h, q) / 2)
-        rows.append(est - local.logsumexp(-1))
+        rows.append(gaussian_log_ratio(case, b, float(n_bulk(case)[b]), mu, sigma, local))
     assert_decisions(case, result, torch.stack(rows), tau)
     assert_matches_masked_reference(case, result)
 
