@@ -21,7 +21,8 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 
-from .cpu_kernel import DecodePlan, paged_decode, plan_decode
+from .cpu_kernel import DecodePlan, paged_decode, plan_decode, reads_everything
+from .moments import MomentStep, fresh_moments
 from .observe import observe_decode
 from .state import WORKER_STATE
 
@@ -40,6 +41,7 @@ class QadaCPUMetadata:
     prefill: CPUAttentionMetadata | None  # stock metadata of the prefill sub-batch
     decode_tokens: torch.Tensor | None = None  # token index of each decode row, if not 0..n-1
     plan: DecodePlan | None = None  # decode indices shared by all layers, built by the first
+    moments: MomentStep | None = None  # this step's key-moment update, planned by the first layer
 
 
 class QadaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
@@ -138,14 +140,12 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
         state, cfg, layer_index = WORKER_STATE, WORKER_STATE.policy, self.layer_index
-        moments = None
-        if cfg.policy == "qada" and cfg.stats == "prompt":
-            moments = state.prompt_moments(layer_index, meta.decode_req_ids, key_cache,
-                                           meta.decode_block_table, meta.decode_seq_lens.tolist(), cfg,
-                                           cached_rows=meta.num_decode_tokens)
         if meta.plan is None:
             meta.plan = plan_decode(meta.decode_block_table, meta.decode_seq_lens, cfg,
                                     block_size=block_size, num_kv_heads=num_kv_heads)
+        moments = None
+        if cfg.policy == "qada" and cfg.stats == "prompt" and not reads_everything(cfg, meta.plan.lengths):
+            moments = self._prompt_moments(layer_index, key_cache, meta)
         shape, query = query.shape, query.view(meta.num_decodes, self.num_heads, self.head_size)
         result = paged_decode(
             query, key_cache, value_cache,
@@ -164,6 +164,20 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
                               token_bytes=2 * self.head_size * kv_cache.element_size(),
                               observation=observation)
         return result.output.view(shape)
+
+    @staticmethod
+    def _prompt_moments(layer_index: int, key_cache: torch.Tensor, meta: QadaCPUMetadata):
+        cfg, store, lengths = WORKER_STATE.policy, WORKER_STATE.moments, meta.plan.lengths
+        decodes = meta.num_decode_tokens
+        if meta.moments is None:
+            meta.moments = store.plan(meta.decode_req_ids[:decodes], meta.decode_block_table, lengths[:decodes],
+                                      cfg.t_sink, cfg.t_local, key_cache.shape[2])
+        moments = store.read(layer_index, key_cache, meta.moments)
+        if meta.num_decodes > decodes:  # prompt tails: several rows per request, read afresh
+            tails = fresh_moments(key_cache, meta.decode_block_table[decodes:], lengths[decodes:],
+                                  cfg.t_sink, cfg.t_local)
+            moments = tuple(torch.cat(parts) for parts in zip(moments, tails))
+        return moments
 
 
 class QadaCPUBackend(CPUAttentionBackend):

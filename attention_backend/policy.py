@@ -25,6 +25,9 @@ class PolicyConfig:
     stats: str = "prompt"
     random_fraction: float = 0.5
     seed: int = 0
+    # Rows with fewer bulk tokens read them all (heads count as long): on CPU, deciding costs
+    # more than the read it could save below ~2k tokens. 0: decide for every row with a bulk.
+    min_bulk: int = 0
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -39,6 +42,8 @@ class PolicyConfig:
             raise ValueError(f"t_local must be >= 1, got {self.t_local}")
         if not 0.0 <= self.random_fraction <= 1.0:
             raise ValueError(f"random_fraction must be in [0, 1], got {self.random_fraction}")
+        if self.min_bulk < 0:
+            raise ValueError(f"min_bulk must be >= 0, got {self.min_bulk}")
 
     @property
     def logit_tau(self) -> float:
@@ -126,7 +131,8 @@ def decide_long_heads(
     static_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Bool [B, Hq]: which query heads need the bulk. Heads of rows with n_bulk == 0 are local.
+    """Bool [B, Hq]: which query heads need the bulk. Heads of rows with n_bulk == 0 are local,
+    those of rows with 0 < n_bulk < cfg.min_bulk long.
 
     local_lse [B, Hq] is needed by oracle and qada, bulk_lse [B, Hq] by oracle; moments /
     calib / local_score_stats by qada depending on cfg.stats; static_mask [Hq] by static;
@@ -156,6 +162,8 @@ def decide_long_heads(
                 moments=moments, calib=calib, local_score_stats=local_score_stats,
             )
         long = bulk_lse - local_lse > cfg.logit_tau
+    if cfg.min_bulk:
+        long = long | (n_bulk < cfg.min_bulk).unsqueeze(1)
     return long & (n_bulk > 0).unsqueeze(1)
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from . import metrics
-from .moments import KeyMoments, stack_moments
+from .moments import MomentStore
 from .observe import Observation
 from .policy import PolicyConfig, group_rule
 
@@ -85,7 +85,10 @@ class DecisionCounters:
     kv_bytes_skipped: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     observed: dict[int, Tensor] = field(default_factory=dict)  # layer -> int64 [4, Hq]
     step_req_ids: list[str] = field(default_factory=list)
+    step_layers: list[int] = field(default_factory=list)  # the layers recorded this step
     step_heads: list[Tensor] = field(default_factory=list)  # per layer: long heads [rows, Hq]
+    step_groups: list[Tensor] = field(default_factory=list)  # per layer: long groups [rows, Hkv]
+    step_bytes: tuple = ()  # (seq_lens, local_tokens, token_bytes) of the step
     step_oracle: list[Tensor] = field(default_factory=list)  # per layer, with observe: [rows, Hq]
     step_top1: list[Tensor] = field(default_factory=list)  # per layer, with observe: [rows, Hq]
     per_request: OrderedDict = field(default_factory=OrderedDict)  # req id -> RequestDecisions
@@ -98,49 +101,34 @@ class DecisionCounters:
                seq_lens: Tensor, local_tokens: int, token_bytes: int,
                observation: Observation | None = None) -> None:
         """One layer's decisions for the decode rows of a step; `token_bytes` is the K+V size of
-        one token of one KV head."""
-        rows, heads = long_heads.shape
-        groups = long_groups.shape[1]
-        n_long_heads, n_long_groups = int(long_heads.sum()), int(long_groups.sum())
-        lengths = seq_lens.long().unsqueeze(1)
-        tokens_read = int(torch.where(long_groups, lengths, lengths.clamp(max=local_tokens)).sum())
-        read, skipped = tokens_read * token_bytes, (int(lengths.sum()) * groups - tokens_read) * token_bytes
-        self.num_heads, self.num_kv_heads = heads, groups
-        self.rows[layer] += rows
-        self.long_heads[layer] += n_long_heads
-        self.long_groups[layer] += n_long_groups
-        self.kv_bytes_read[layer] += read
-        self.kv_bytes_skipped[layer] += skipped
-        self.step_req_ids = req_ids
+        one token of one KV head. Counted at `end_step`, for all layers at once."""
+        self.step_req_ids, self.step_bytes = req_ids, (seq_lens, local_tokens, token_bytes)
+        self.step_layers.append(layer)
         self.step_heads.append(long_heads)
+        self.step_groups.append(long_groups)
         if observation is not None:
-            oracle = observation.oracle_long
-            counts = torch.stack([torch.full((heads,), rows), oracle.sum(0), long_heads.sum(0),
-                                  (oracle & long_heads).sum(0)])
-            self.observed[layer] = self.observed.get(layer, torch.zeros_like(counts)) + counts
-            self.step_oracle.append(oracle)
+            self.step_oracle.append(observation.oracle_long)
             self.step_top1.append(observation.top1)
-        label = str(layer)
-        for level, long, total in (("head", n_long_heads, rows * heads),
-                                   ("kv_group", n_long_groups, rows * groups)):
-            metrics.HEAD_DECISIONS.labels("long", level, label).inc(long)
-            metrics.HEAD_DECISIONS.labels("local", level, label).inc(total - long)
-        metrics.KV_BYTES_READ.labels(label).inc(read)
-        metrics.KV_BYTES_SKIPPED.labels(label).inc(skipped)
 
     def end_step(self) -> None:
-        """Close an engine step: observe its long-context fraction, attribute its decisions to
-        requests and keep their per-token traces."""
+        """Close an engine step: count its decisions per layer, observe its long-context fraction,
+        attribute its decisions to requests and keep their per-token traces."""
         if not self.step_heads:
             return
-        heads = torch.stack(self.step_heads, dim=1)  # [rows, layers, Hq]
-        rows, layers = heads.shape[:2]
-        groups = group_rule(heads.flatten(0, 1), self.num_kv_heads).view(rows, layers, -1)
+        heads = torch.stack(self.step_heads, dim=1).cpu()  # [rows, layers, Hq]
+        groups = torch.stack(self.step_groups, dim=1).cpu()  # [rows, layers, Hkv]
+        (rows, layers, self.num_heads), self.num_kv_heads = heads.shape, groups.shape[2]
+        self._count_layers(heads, groups)
         observed = len(self.step_oracle) == layers
         oracle = torch.stack(self.step_oracle, dim=1) if observed else None
         oracle_groups = (group_rule(oracle.flatten(0, 1), self.num_kv_heads).view(rows, layers, -1)
                          if observed else None)
         top1 = torch.stack(self.step_top1, dim=1) if observed else None
+        if observed:
+            for i, layer in enumerate(self.step_layers):
+                counts = torch.stack([torch.full((self.num_heads,), rows), oracle[:, i].sum(0),
+                                      heads[:, i].sum(0), (oracle[:, i] & heads[:, i]).sum(0)])
+                self.observed[layer] = self.observed.get(layer, torch.zeros_like(counts)) + counts
         metrics.LONG_CONTEXT_FRACTION.observe(int(groups.sum()) / groups.numel())
         for row, req_id in enumerate(self.step_req_ids):
             entry = self.per_request.pop(req_id, None) or RequestDecisions()
@@ -157,7 +145,31 @@ class DecisionCounters:
         for table, limit in ((self.per_request, self.max_requests), (self.traces, self.max_traces)):
             while len(table) > limit:
                 table.popitem(last=False)
-        self.step_heads, self.step_oracle, self.step_top1, self.step_req_ids = [], [], [], []
+        self.step_heads, self.step_groups, self.step_layers = [], [], []
+        self.step_oracle, self.step_top1, self.step_req_ids = [], [], []
+
+    def _count_layers(self, heads: Tensor, groups: Tensor) -> None:
+        """Per-layer totals and Prometheus counters of one step (heads/groups [rows, layers, .])."""
+        seq_lens, local_tokens, token_bytes = self.step_bytes
+        rows = heads.shape[0]
+        lengths = seq_lens.long().cpu().view(-1, 1, 1)
+        tokens_read = torch.where(groups, lengths, lengths.clamp(max=local_tokens)).sum((0, 2))
+        tokens_all = int(lengths.sum()) * self.num_kv_heads
+        for layer, n_heads, n_groups, read in zip(self.step_layers, heads.sum((0, 2)).tolist(),
+                                                  groups.sum((0, 2)).tolist(), tokens_read.tolist()):
+            read, skipped = read * token_bytes, (tokens_all - read) * token_bytes
+            self.rows[layer] += rows
+            self.long_heads[layer] += n_heads
+            self.long_groups[layer] += n_groups
+            self.kv_bytes_read[layer] += read
+            self.kv_bytes_skipped[layer] += skipped
+            label = str(layer)
+            for level, long, total in (("head", n_heads, rows * self.num_heads),
+                                       ("kv_group", n_groups, rows * self.num_kv_heads)):
+                metrics.HEAD_DECISIONS.labels("long", level, label).inc(long)
+                metrics.HEAD_DECISIONS.labels("local", level, label).inc(total - long)
+            metrics.KV_BYTES_READ.labels(label).inc(read)
+            metrics.KV_BYTES_SKIPPED.labels(label).inc(skipped)
 
     def trace(self, prefix: str) -> dict | None:
         """Per decode step, which (layer, query head) went long, for the first engine request of
@@ -203,7 +215,7 @@ class DecisionCounters:
         return out
 
 
-POLICY_KEYS = ("policy", "tau", "t_sink", "t_local", "stats", "random_fraction", "seed")
+POLICY_KEYS = ("policy", "tau", "t_sink", "t_local", "stats", "random_fraction", "seed", "min_bulk")
 
 
 class WorkerState:
@@ -212,7 +224,7 @@ class WorkerState:
 
     def __init__(self) -> None:
         self.runner = None  # the worker's model runner, set by QadaCPUWorker
-        self.moments: dict[str, dict[int, KeyMoments]] = {}
+        self.moments = MomentStore()
         self.counters = DecisionCounters()
         self.settings: dict = {}
         self.policy = PolicyConfig()
@@ -254,35 +266,7 @@ class WorkerState:
 
     def forget(self, req_ids) -> None:
         """Drop the moments of finished or preempted requests (rebuilt from the cache if resumed)."""
-        for req_id in req_ids or ():
-            self.moments.pop(req_id, None)
-
-    def prompt_moments(
-        self, layer: int, req_ids: list[str], key_cache: Tensor, block_table: Tensor,
-        seq_lens: list[int], cfg: PolicyConfig, cached_rows: int | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Exact bulk-key moments of each row for this layer: built from the cache the first time
-        a row has a bulk, then advanced by the keys that left the window since. Rows from
-        `cached_rows` on (prompt-tail tokens, several per request) are built afresh each time."""
-        rows = []
-        for row, (req_id, seq_len) in enumerate(zip(req_ids, seq_lens)):
-            if cached_rows is not None and row >= cached_rows:
-                has_bulk = seq_len - cfg.t_local - cfg.t_sink > 0
-                rows.append(KeyMoments.build(key_cache, block_table[row], seq_len, cfg.t_sink,
-                                             cfg.t_local) if has_bulk else None)
-                continue
-            per_layer = self.moments.setdefault(req_id, {})
-            moments = per_layer.get(layer)
-            if moments is None:
-                if seq_len - cfg.t_local - cfg.t_sink <= 0:
-                    rows.append(None)
-                    continue
-                moments = per_layer[layer] = KeyMoments.build(
-                    key_cache, block_table[row], seq_len, cfg.t_sink, cfg.t_local)
-            else:
-                moments.advance(key_cache, block_table[row], seq_len, cfg.t_sink, cfg.t_local)
-            rows.append(moments)
-        return stack_moments(rows, key_cache.shape[1], key_cache.shape[3])
+        self.moments.forget(req_ids)
 
 
 WORKER_STATE = WorkerState()

@@ -325,6 +325,8 @@ def qada_decode(
         raise ValueError(f"head size must be a power of two >= 16, got {head_dim}")
     if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
         raise ValueError("query and K/V caches need a contiguous last dimension")
+    if cfg.min_bulk:  # the fused decision costs next to nothing here, so there is nothing to skip
+        raise ValueError("min_bulk is a CPU-path setting; the Triton kernel decides for every row")
     code = policy_code(cfg)
     dev = query.device
     if splits is None:

@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests" / "unit"))
 
 from attention_backend.cpu_kernel import paged_decode, plan_decode  # noqa: E402
-from attention_backend.moments import KeyMoments, stack_moments  # noqa: E402
+from attention_backend.moments import fresh_moments  # noqa: E402
 from attention_backend.policy import PolicyConfig  # noqa: E402
 from paged_helpers import make_case  # noqa: E402
 
@@ -88,9 +88,7 @@ def stock_fn(case, dtype):
 
 def variants(case, kernels):
     """name -> (callable, long-group share) for the QAdA policies."""
-    moments = stack_moments(
-        [KeyMoments.build(case.key_cache, case.block_table[b], n, T_SINK, T_LOCAL)
-         for b, n in enumerate(case.seq_lens.tolist())], HKV, D)
+    moments = fresh_moments(case.key_cache, case.block_table, case.seq_lens.tolist(), T_SINK, T_LOCAL)
     group = HQ // HKV
     heads = torch.arange(HQ)
     policies = {

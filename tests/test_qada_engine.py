@@ -87,7 +87,7 @@ def test_qada_retrieves_passkey_with_mostly_local_groups(qada_server, qada_clien
 
 
 def test_counters_are_exact(qada_server, qada_client):
-    set_policy(qada_server, policy="random", random_fraction=0.5, seed=1)
+    set_policy(qada_server, policy="random", random_fraction=0.5, seed=1, min_bulk=0)
     before = stats(qada_server)
     reply = qada_client.completions.create(model=SERVED_NAME, prompt="Tell me a story. " * 60,
                                            max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
@@ -107,6 +107,7 @@ def test_counters_are_exact(qada_server, qada_client):
 @pytest.mark.parametrize("policy, settings, expect_long", [
     ("local", {}, 0.0), ("full", {}, 1.0), ("oracle", {}, None),
     ("qada", {"stats": "local"}, None), ("static", {}, None),
+    ("qada", {"min_bulk": 10_000}, 1.0),  # every bulk is shorter: read in full, no decision
 ])
 def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, policy, settings,
                              expect_long):
@@ -115,7 +116,7 @@ def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, polic
         path = tmp_path / "heads.json"
         path.write_text(json.dumps({"num_layers": 30, "num_heads": 9, "long_heads": heads}))
         settings = {"static_heads": str(path)}
-    set_policy(qada_server, policy=policy, **settings)
+    set_policy(qada_server, policy=policy, **{"min_bulk": 0, **settings})  # decide on this short prompt
     before = stats(qada_server)
     tokenizer, text = haystack
     reply = qada_client.completions.create(model=SERVED_NAME, prompt=text[:2000] + "\n\nIn short,",

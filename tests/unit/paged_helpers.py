@@ -11,13 +11,17 @@ from torch import Tensor
 HEAD_DIM = 64
 # block_table entries past a row's blocks: out of range, so reading one raises IndexError.
 GARBAGE_BLOCK = 10**6
+# Unwritten cache slots. vLLM zero-fills the cache and freed blocks keep old values, so they are
+# finite (the stock kernel multiplies masked tails by probability 0); large, so that a position
+# read by mistake dominates its head's scores and shows.
+STALE = 1e3
 
 
 def new_kv_cache(
     num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """NaN-filled kv cache [nb, Hkv, 2*bs, D] and its key/value views, as vLLM's CPU impl makes them."""
-    kv = torch.full((num_blocks, num_kv_heads, 2 * block_size, head_dim), float("nan"), dtype=dtype)
+    """STALE-filled kv cache [nb, Hkv, 2*bs, D] and its key/value views, as vLLM's CPU impl makes them."""
+    kv = torch.full((num_blocks, num_kv_heads, 2 * block_size, head_dim), STALE, dtype=dtype)
     key_cache, value_cache = kv.chunk(2, dim=2)
     return kv, key_cache, value_cache
 
@@ -73,7 +77,7 @@ def make_case(
     gen = torch.Generator().manual_seed(seed)
     capacity = capacity or seq_lens
     blocks_per_row = [-(-c // block_size) for c in capacity]
-    num_blocks = sum(blocks_per_row) + 3  # a few blocks no row owns (still NaN)
+    num_blocks = sum(blocks_per_row) + 3  # a few blocks no row owns (still STALE)
     perm = torch.randperm(num_blocks, generator=gen)
     table = torch.full((len(seq_lens), max(blocks_per_row) + 2), GARBAGE_BLOCK, dtype=torch.int32)
     kv, key_cache, value_cache = new_kv_cache(num_blocks, num_kv_heads, block_size, head_dim, dtype)
@@ -147,7 +151,7 @@ def relayout(case: PagedCase, run_lengths: list[int], seed: int = 0) -> PagedCas
             j, r = j + size, r + 1
     order = torch.randperm(len(runs), generator=gen).tolist()
     owned = set(case.block_table[case.block_table < case.kv.shape[0]].tolist())
-    spare = next(i for i in range(case.kv.shape[0]) if i not in owned)  # NaN-filled
+    spare = next(i for i in range(case.kv.shape[0]) if i not in owned)  # STALE-filled
     table = torch.full_like(case.block_table, GARBAGE_BLOCK)
     src, used = [], 0
     for i in order:

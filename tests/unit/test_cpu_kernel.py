@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from attention_backend.cpu_kernel import paged_decode, plan_decode
-from attention_backend.moments import KeyMoments, stack_moments
+from attention_backend.moments import fresh_moments
 from attention_backend.policy import PolicyConfig, group_rule
 from paged_helpers import (
     PagedCase,
@@ -23,11 +23,11 @@ from paged_helpers import (
 T_SINK, T_LOCAL = 16, 64  # trivially local for L <= 80
 # (seq_lens, Hkv, group, block_size, dtype): ragged rows, rows without bulk, rows with 1-3 bulk tokens.
 CASES = [
-    ([300], 2, 1, 16, torch.float32),
+    ([300], 2, 1, 32, torch.float32),
     ([70, 200, 95], 2, 3, 32, torch.bfloat16),
     ([1, 17, 80, 81, 83, 300, 520, 129], 1, 7, 128, torch.float32),
     ([600, 82, 40], 3, 3, 128, torch.bfloat16),
-    ([5, 81, 96, 97, 250, 410, 150, 333], 2, 7, 16, torch.bfloat16),
+    ([5, 81, 96, 97, 250, 410, 150, 333], 2, 7, 32, torch.bfloat16),
 ]
 CASE_IDS = [f"B{len(c[0])}-kv{c[1]}-g{c[2]}-bs{c[3]}-{str(c[4])[6:]}" for c in CASES]
 
@@ -125,11 +125,7 @@ def gaussian_log_ratio(case: PagedCase, b: int, n: float, mu, sigma, local) -> t
 @pytest.mark.parametrize("tau", [0.3, 0.8])
 def test_qada_prompt_decisions(case: PagedCase, tau: float) -> None:
     cfg = PolicyConfig(policy="qada", stats="prompt", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
-    moments = stack_moments(
-        [KeyMoments.build(case.key_cache, case.block_table[b], length, T_SINK, T_LOCAL)
-         for b, length in enumerate(case.seq_lens.tolist())],
-        case.num_kv_heads, case.query.shape[2],
-    )
+    moments = fresh_moments(case.key_cache, case.block_table, case.seq_lens.tolist(), T_SINK, T_LOCAL)
     result = decode(case, cfg, moments=moments)
 
     rows = []
@@ -218,8 +214,7 @@ def test_local_groups_never_read_bulk(case: PagedCase, policy: str) -> None:
     assert_matches_masked_reference(case, result)
 
 
-# Layouts of the block table: fully fragmented (make_case), in-place runs longer than the chunk
-# sizes of the kernel, and mixes of short (gathered) and long (read in place) runs.
+# Layouts of the block table: fully fragmented (make_case), one run per row, and mixed runs.
 LAYOUTS = {"shuffled": None, "contiguous": [10**6], "mixed": [1, 5, 1, 1, 40, 3, 2],
            "pairs": [2, 1]}
 
@@ -228,10 +223,9 @@ LAYOUTS = {"shuffled": None, "contiguous": [10**6], "mixed": [1, 5, 1, 1, 40, 3,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("policy", ["full", "static", "oracle"])
 def test_block_layouts_agree(layout: str, dtype: torch.dtype, policy: str) -> None:
-    # bs 16: rows of up to 75 blocks cross MAX_CHUNK (32) and CONVERT_CHUNK (16) boundaries;
     # short rows (40, 81, 100) have no bulk or a bulk inside one or two blocks.
     seq_lens = [1200, 40, 81, 100, 777, 1024]
-    case = make_case(seq_lens, num_kv_heads=3, group=2, block_size=16, dtype=dtype, seed=5)
+    case = make_case(seq_lens, num_kv_heads=3, group=2, block_size=32, dtype=dtype, seed=5)
     if LAYOUTS[layout] is not None:
         case = relayout(case, LAYOUTS[layout], seed=1)
     mask = torch.tensor([True, False, False, False, True, True])  # groups 0 and 2 long
@@ -259,11 +253,47 @@ def test_plan_shared_across_layers(t_sink: int, t_local: int) -> None:
         decode(case, PolicyConfig(policy="local", t_sink=t_sink, t_local=t_local + 1), plan=plan)
 
 
-def test_local_tolerates_nan_in_unwritten_tails_and_far_scores() -> None:
-    """Window slots reaching back past the row, NaN tails, and scores far below the max (exp
-    would underflow to denormals) must neither leak NaN nor lose precision."""
+def test_stale_tails_and_far_scores() -> None:
+    """Window slots reaching back past the row, stale values in unwritten tails, and scores far
+    below the max (exp would underflow to denormals) must neither leak nor lose precision."""
     case = make_case([33, 64, 65, 500], 2, 2, 32, torch.float32, seed=4)
     case.query[3] *= 40.0  # scores spread over hundreds: many exp arguments below -87
     for policy in ("local", "full"):
         result = decode(case, PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL))
         assert_matches_masked_reference(case, result)
+
+
+@pytest.mark.parametrize("policy", ["full", "static"])
+def test_strided_query(policy: str) -> None:
+    """vLLM's query is a view into the fused QKV projection: rows are not contiguous."""
+    case = make_case([700, 90, 300], 3, 3, 128, torch.float32, seed=6)
+    batch, heads, dim = case.query.shape
+    qkv = torch.randn(batch, (heads + 6) * dim)
+    qkv[:, : heads * dim] = case.query.flatten(1)
+    strided = qkv[:, : heads * dim].view(batch, heads, dim)
+    assert not strided.is_contiguous()
+    cfg = PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL)
+    mask = torch.arange(heads) < 3
+    expected = decode(case, cfg, static_mask=mask)
+    got = paged_decode(strided, case.key_cache, case.value_cache, case.block_table, case.seq_lens,
+                       case.scale, cfg, static_mask=mask)
+    torch.testing.assert_close(got.output, expected.output, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["local", "qada"])
+def test_min_bulk_rows_read_everything(policy: str) -> None:
+    """Rows whose bulk is shorter than min_bulk attend to everything (their heads count as long);
+    the others are decided as usual. All rows short: the whole batch takes the full path."""
+    case = make_case([90, 200, 700, 1000], 3, 3, 32, torch.float32, seed=7)
+    moments = fresh_moments(case.key_cache, case.block_table, case.seq_lens.tolist(), T_SINK, T_LOCAL)
+    base = PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL, tau=0.5)
+    plain = decode(case, base, moments=moments)
+    result = decode(case, PolicyConfig(**{**base.__dict__, "min_bulk": 500}), moments=moments)
+    short = torch.tensor([True, True, False, False])  # bulks of 10, 120, 620 and 920 tokens
+    expected_heads = torch.where(short.unsqueeze(1), n_bulk(case).unsqueeze(1) > 0, plain.long_heads)
+    assert torch.equal(result.long_heads, expected_heads)
+    assert_matches_masked_reference(case, result)
+    everything = decode(case, PolicyConfig(**{**base.__dict__, "min_bulk": 10_000}), moments=moments)
+    assert everything.long_heads.all()
+    expected = torch.stack([sdpa_row(case, b) for b in range(4)])
+    torch.testing.assert_close(everything.output, expected, **tolerance(torch.float32))

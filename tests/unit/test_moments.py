@@ -1,26 +1,30 @@
-"""Bulk key moments read from the paged cache, built at once or advanced token by token."""
+"""Bulk key moments read from the paged cache: from scratch, and kept by the MomentStore while
+tokens are appended one at a time and in bursts, across layers, shortened and finished requests."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from attention_backend.moments import KeyMoments, bulk_range, gather_keys, stack_moments
+from attention_backend.moments import MomentStore, bulk_range, fresh_moments, gather_keys, range_moments
 from paged_helpers import make_case, write_tokens
 
 T_SINK, T_LOCAL = 16, 64
 
 
 def contiguous_moments(keys: torch.Tensor, seq_len: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """(n, mean [Hkv, D], population covariance [Hkv, D, D]) of a non-empty bulk, straight from torch."""
-    bulk = keys[T_SINK : seq_len - T_LOCAL].float()
-    cov = torch.stack([torch.cov(bulk[:, h].T, correction=0) for h in range(bulk.shape[1])])
-    return bulk.shape[0], bulk.mean(0), cov
+    """(n, S1 [Hkv, D], S2 [Hkv, D, D]) of the bulk, straight from the contiguous keys."""
+    start, end = bulk_range(seq_len, T_SINK, T_LOCAL)
+    bulk = keys[start:end].float()
+    return end - start, bulk.sum(0), torch.einsum("nhd,nhe->hde", bulk, bulk)
 
 
-def assert_same(a: KeyMoments, b: KeyMoments) -> None:
-    assert (a.n, a.end) == (b.n, b.end)
-    torch.testing.assert_close(a.s1, b.s1, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(a.s2, b.s2, rtol=1e-5, atol=1e-3)
+def assert_moments(got, keys: list[torch.Tensor], seq_lens: list[int]) -> None:
+    n, s1, s2 = got
+    for row, (k, length) in enumerate(zip(keys, seq_lens)):
+        ref_n, ref_s1, ref_s2 = contiguous_moments(k, length)
+        assert n[row] == ref_n
+        torch.testing.assert_close(s1[row], ref_s1, rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(s2[row], ref_s2, rtol=1e-4, atol=1e-2)
 
 
 def test_bulk_range() -> None:
@@ -32,15 +36,15 @@ def test_bulk_range() -> None:
 
 def test_cache_layout_is_column_major_keys() -> None:
     """The helper writes what reshape_and_cache writes: K[d, j] at d * bs + j of each (block, head)."""
-    case = make_case([40], num_kv_heads=2, group=1, block_size=16, dtype=torch.float32)
+    case = make_case([40], num_kv_heads=2, group=1, block_size=32, dtype=torch.float32)
     raw = case.kv.view(case.kv.shape[0], 2, -1)  # [nb, Hkv, 2 * bs * D]: K block then V block
     pos, head, dim = 37, 1, 5
-    blk, j = int(case.block_table[0, pos // 16]), pos % 16
-    assert raw[blk, head, dim * 16 + j] == case.keys[0][pos, head, dim]
-    assert raw[blk, head, 16 * 64 + j * 64 + dim] == case.values[0][pos, head, dim]
+    blk, j = int(case.block_table[0, pos // 32]), pos % 32
+    assert raw[blk, head, dim * 32 + j] == case.keys[0][pos, head, dim]
+    assert raw[blk, head, 32 * 64 + j * 64 + dim] == case.values[0][pos, head, dim]
 
 
-@pytest.mark.parametrize("block_size,dtype", [(16, torch.float32), (32, torch.bfloat16), (128, torch.bfloat16)])
+@pytest.mark.parametrize("block_size,dtype", [(32, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)])
 @pytest.mark.parametrize("start,end", [(0, 300), (16, 236), (17, 18), (100, 100), (128, 257)])
 def test_gather_keys(block_size: int, dtype: torch.dtype, start: int, end: int) -> None:
     case = make_case([300], num_kv_heads=3, group=1, block_size=block_size, dtype=dtype)
@@ -49,61 +53,62 @@ def test_gather_keys(block_size: int, dtype: torch.dtype, start: int, end: int) 
     assert torch.equal(keys, case.keys[0][start:end].float())
 
 
-@pytest.mark.parametrize("seq_len", [10, 80, 81, 500])
-def test_build_matches_torch(seq_len: int) -> None:
-    case = make_case([seq_len], num_kv_heads=2, group=1, block_size=32, dtype=torch.bfloat16)
-    moments = KeyMoments.build(case.key_cache, case.block_table[0], seq_len, T_SINK, T_LOCAL)
-    n_bulk = max(0, seq_len - T_SINK - T_LOCAL)
-    assert moments.n == n_bulk and moments.end == T_SINK + n_bulk
-    if n_bulk == 0:
-        assert not moments.s1.any() and not moments.s2.any()
-        return
-    _, mean, cov = contiguous_moments(case.keys[0], seq_len)
-    torch.testing.assert_close(moments.mean(), mean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(moments.cov(), cov, rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start,end", [(0, 300), (16, 236), (17, 18), (100, 100), (128, 257)])
+def test_range_moments(dtype: torch.dtype, start: int, end: int) -> None:
+    case = make_case([300], num_kv_heads=3, group=1, block_size=32, dtype=dtype)
+    s1, s2 = range_moments(case.key_cache, case.block_table[0], start, end)
+    keys = case.keys[0][start:end].float()
+    torch.testing.assert_close(s1, keys.sum(0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(s2, torch.einsum("nhd,nhe->hde", keys, keys), rtol=1e-5, atol=1e-3)
 
 
-@pytest.mark.parametrize("block_size", [16, 128])
-def test_advance_while_decoding_matches_build(block_size: int) -> None:
-    """Prompt of 60 tokens, then tokens appended one at a time and in bursts, as a decode loop
-    would write them; positions not written yet are NaN in the cache."""
-    final = 400
-    case = make_case([final], num_kv_heads=2, group=1, block_size=block_size, dtype=torch.float32, seed=5)
-    keys, values = case.keys[0], case.values[0]
+def test_fresh_moments() -> None:
+    seq_lens = [10, 80, 81, 500]
+    case = make_case(seq_lens, num_kv_heads=2, group=1, block_size=32, dtype=torch.bfloat16)
+    got = fresh_moments(case.key_cache, case.block_table, seq_lens, T_SINK, T_LOCAL)
+    assert got[0].tolist() == [0, 0, 1, 420] and not got[1][:2].any() and not got[2][:2].any()
+    assert_moments(got, case.keys, seq_lens)
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_store_while_decoding(block_size: int) -> None:
+    """Three requests in two layers: appended one token at a time and in bursts (as decode steps
+    and resumed chunks write them), one request shortened (recomputed), one finished and its slot
+    reused by a new request, more requests than the initial capacity. Unwritten positions are NaN."""
+    final = 420
+    case = make_case([final] * 10, num_kv_heads=2, group=1, block_size=block_size,
+                     dtype=torch.float32, seed=5)
     case.kv.fill_(float("nan"))
-    row = case.block_table[0]
-    write_tokens(case.key_cache, case.value_cache, row, 0, keys[:60], values[:60])
-    moments = KeyMoments.build(case.key_cache, row, 60, T_SINK, T_LOCAL)
-    length = 60
-    for step in [1] * 120 + [7, 1, 30, 1, 1, 100] + [1] * 80:
-        write_tokens(case.key_cache, case.value_cache, row, length, keys[length:length + step],
-                     values[length:length + step])
-        length += step
-        moments.advance(case.key_cache, row, length, T_SINK, T_LOCAL)
-    assert length == final
-    assert_same(moments, KeyMoments.build(case.key_cache, row, final, T_SINK, T_LOCAL))
-    n, mean, cov = contiguous_moments(keys, final)
-    assert moments.n == n
-    torch.testing.assert_close(moments.mean(), mean, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(moments.cov(), cov, rtol=1e-4, atol=1e-4)
-
-
-def test_shrink_rebuilds() -> None:
-    case = make_case([300], num_kv_heads=2, group=1, block_size=16, dtype=torch.float32)
-    row = case.block_table[0]
-    moments = KeyMoments.build(case.key_cache, row, 300, T_SINK, T_LOCAL)
-    moments.advance(case.key_cache, row, 150, T_SINK, T_LOCAL)
-    assert_same(moments, KeyMoments.build(case.key_cache, row, 150, T_SINK, T_LOCAL))
-    moments.advance(case.key_cache, row, 20, T_SINK, T_LOCAL)
-    assert (moments.n, moments.end) == (0, T_SINK) and not moments.s2.any()
-
-
-def test_stack_moments() -> None:
-    case = make_case([200, 300], num_kv_heads=2, group=1, block_size=16, dtype=torch.float32)
-    items = [KeyMoments.build(case.key_cache, case.block_table[b], length, T_SINK, T_LOCAL)
-             for b, length in enumerate([200, 300])]
-    n, s1, s2 = stack_moments([items[0], None, items[1]], 2, 64)
-    assert n.tolist() == [120, 0, 220]
-    assert s1.shape == (3, 2, 64) and s2.shape == (3, 2, 64, 64)
-    assert torch.equal(s1[2], items[1].s1) and torch.equal(s2[0], items[0].s2)
-    assert not s1[1].any() and not s2[1].any()
+    store = MomentStore()
+    lengths = {0: 60, 1: 150, 2: 1}
+    for row, length in lengths.items():
+        write_tokens(case.key_cache, case.value_cache, case.block_table[row], 0,
+                     case.keys[row][:length], case.values[row][:length])
+    bursts = [1] * 90 + [7, 1, 30, 1, 1, 100] + [1] * 30
+    for step, burst in enumerate(bursts):
+        if step == 50:  # request 1 is recomputed from a shorter length
+            lengths[1] = 100
+        if step == 60:  # request 2 finishes, request 3..9 start (capacity 8 must grow)
+            store.forget(["r2"])
+            del lengths[2]
+            for row in range(3, 10):
+                lengths[row] = 200
+                write_tokens(case.key_cache, case.value_cache, case.block_table[row], 0,
+                             case.keys[row][:200], case.values[row][:200])
+        for row, length in lengths.items():
+            new = min(burst, final - length)
+            write_tokens(case.key_cache, case.value_cache, case.block_table[row], length,
+                         case.keys[row][length:length + new], case.values[row][length:length + new])
+            lengths[row] = length + new
+        rows = list(lengths)
+        table = case.block_table[rows]
+        lens = [lengths[r] for r in rows]
+        plan = store.plan([f"r{r}" for r in rows], table, lens, T_SINK, T_LOCAL, block_size)
+        for layer in (0, 3):
+            got = store.read(layer, case.key_cache, plan)
+            if burst > 1 or step % 10 == 0 or step == len(bursts) - 1:  # errors would persist
+                assert_moments(got, [case.keys[r] for r in rows], lens)
+    assert store.capacity == 16 and "r2" not in store
+    store.forget([f"r{r}" for r in lengths])
+    assert not store.slot_of and len(store.free) == 16

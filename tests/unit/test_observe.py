@@ -11,7 +11,7 @@ from paged_helpers import make_case
 
 def test_observation_matches_contiguous_scores():
     cfg = PolicyConfig(policy="qada", tau=0.6, t_sink=4, t_local=24)
-    case = make_case([20, 90, 200], num_kv_heads=2, group=3, block_size=16, dtype=torch.float32)
+    case = make_case([20, 90, 200], num_kv_heads=2, group=3, block_size=32, dtype=torch.float32)
     obs = observe_decode(case.query, case.key_cache, case.block_table, case.seq_lens.tolist(),
                          case.scale, cfg)
     for b, keys in enumerate(case.keys):

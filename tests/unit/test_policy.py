@@ -39,6 +39,7 @@ def inputs(seed: int = 0) -> dict:
     (dict(t_sink=-1), "t_sink"),
     (dict(t_local=0), "t_local"),
     (dict(random_fraction=1.5), "random_fraction"),
+    (dict(min_bulk=-1), "min_bulk"),
 ])
 def test_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
