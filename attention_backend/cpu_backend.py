@@ -24,6 +24,7 @@ from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 from .cpu_kernel import DecodePlan, paged_decode, plan_decode, reads_everything
 from .moments import MomentStep, fresh_moments
 from .observe import observe_decode
+from .policy import group_rule
 from .state import WORKER_STATE
 
 
@@ -41,6 +42,10 @@ class QadaCPUMetadata:
     prefill: CPUAttentionMetadata | None  # stock metadata of the prefill sub-batch
     decode_tokens: torch.Tensor | None = None  # token index of each decode row, if not 0..n-1
     plan: DecodePlan | None = None  # decode indices shared by all layers, built by the first
+    # When no decode row is decided (policy full, or every bulk below min_bulk): the whole batch
+    # on the stock path, and the decode rows' heads (long where they have a bulk) to count.
+    stock: CPUAttentionMetadata | None = None
+    all_long: torch.Tensor | None = None
     moments: MomentStep | None = None  # this step's key-moment update, planned by the first layer
 
 
@@ -76,6 +81,13 @@ class QadaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             decode_req_ids=req_ids[:num_decodes],
             prefill=None,
         )
+        policy = WORKER_STATE.policy
+        if (num_decodes and not tail and not WORKER_STATE.observe
+                and reads_everything(policy, meta.decode_seq_lens.tolist())):
+            meta.stock = super().build(common_prefix_len, cm, fast_build)
+            n_bulk = meta.decode_seq_lens - policy.t_sink - policy.t_local
+            meta.all_long = (n_bulk > 0).unsqueeze(1).expand(num_decodes, self.num_heads)
+            return meta
         if num_prefills:
             rows = slice(num_decodes, cm.num_reqs)
             tokens = slice(num_decode_tokens, cm.num_actual_tokens)
@@ -125,6 +137,11 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
                                    output_scale, output_block_scale)
         meta = attn_metadata
         nd = meta.num_decode_tokens
+        if meta.stock is not None:
+            super().forward(layer, query, key, value, kv_cache, meta.stock, output)
+            self._record(layer, meta, meta.all_long, group_rule(meta.all_long, kv_cache.shape[1]),
+                         kv_cache.element_size())
+            return output
         if meta.prefill is not None:
             # key/value are only read by the stock kernel for encoder attention (never here).
             super().forward(layer, query[nd:], None, None, kv_cache, meta.prefill, output[nd:])
@@ -134,12 +151,24 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
             output[:nd] = self._decode(layer, query[:nd], kv_cache, meta)
         return output
 
-    def _decode(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta: QadaCPUMetadata) -> torch.Tensor:
+    def _layer_index(self, layer) -> int:
         if self.layer_index is None:
             self.layer_index = int(re.search(r"layers\.(\d+)\.", layer.layer_name).group(1))
+        return self.layer_index
+
+    def _record(self, layer, meta: QadaCPUMetadata, long_heads, long_groups, element_size: int,
+                observation=None) -> None:
+        cfg = WORKER_STATE.policy
+        WORKER_STATE.counters.record(self._layer_index(layer), meta.decode_req_ids, long_heads,
+                                     long_groups, meta.decode_seq_lens,
+                                     local_tokens=cfg.t_sink + cfg.t_local,
+                                     token_bytes=2 * self.head_size * element_size,
+                                     observation=observation)
+
+    def _decode(self, layer, query: torch.Tensor, kv_cache: torch.Tensor, meta: QadaCPUMetadata) -> torch.Tensor:
         num_blocks, num_kv_heads, block_size, _ = kv_cache.shape
         key_cache, value_cache = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, -1).chunk(2, dim=2)
-        state, cfg, layer_index = WORKER_STATE, WORKER_STATE.policy, self.layer_index
+        state, cfg, layer_index = WORKER_STATE, WORKER_STATE.policy, self._layer_index(layer)
         if meta.plan is None:
             meta.plan = plan_decode(meta.decode_block_table, meta.decode_seq_lens, cfg,
                                     block_size=block_size, num_kv_heads=num_kv_heads)
@@ -158,11 +187,8 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
         if state.observe:
             observation = observe_decode(query, key_cache, meta.decode_block_table,
                                          meta.plan.lengths, self.scale, cfg)
-        state.counters.record(layer_index, meta.decode_req_ids, result.long_heads, result.long_groups,
-                              meta.decode_seq_lens,
-                              local_tokens=cfg.t_sink + cfg.t_local,
-                              token_bytes=2 * self.head_size * kv_cache.element_size(),
-                              observation=observation)
+        self._record(layer, meta, result.long_heads, result.long_groups, kv_cache.element_size(),
+                     observation)
         return result.output.view(shape)
 
     @staticmethod
