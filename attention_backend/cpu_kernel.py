@@ -109,8 +109,11 @@ def plan_decode(
 
 
 def reads_everything(cfg: PolicyConfig, lengths: list[int]) -> bool:
-    """True when no row of the step is decided: policy `full`, or every bulk below `min_bulk`."""
-    return cfg.policy == "full" or max(lengths) - cfg.t_sink - cfg.t_local < cfg.min_bulk
+    """True when no row of the step is decided: policy `full`, or bulks adding up to fewer than
+    `min_bulk` tokens."""
+    if cfg.policy == "full":
+        return True
+    return sum(max(0, n - cfg.t_sink - cfg.t_local) for n in lengths) < cfg.min_bulk
 
 
 def paged_decode(

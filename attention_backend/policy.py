@@ -25,8 +25,8 @@ class PolicyConfig:
     stats: str = "prompt"
     random_fraction: float = 0.5
     seed: int = 0
-    # Rows with fewer bulk tokens read them all (heads count as long): on CPU, deciding costs
-    # more than the read it could save below ~2k tokens. 0: decide for every row with a bulk.
+    # A decode step whose rows' bulks add up to fewer tokens reads them all (heads count as long):
+    # on CPU the decision's fixed cost per layer exceeds the read it could save there. 0: decide.
     min_bulk: int = 0
 
     def __post_init__(self) -> None:
@@ -131,8 +131,8 @@ def decide_long_heads(
     static_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Bool [B, Hq]: which query heads need the bulk. Heads of rows with n_bulk == 0 are local,
-    those of rows with 0 < n_bulk < cfg.min_bulk long.
+    """Bool [B, Hq]: which query heads need the bulk. Heads of rows with n_bulk == 0 are local;
+    when the rows' bulks add up to fewer than cfg.min_bulk tokens, all the others are long.
 
     local_lse [B, Hq] is needed by oracle and qada, bulk_lse [B, Hq] by oracle; moments /
     calib / local_score_stats by qada depending on cfg.stats; static_mask [Hq] by static;
@@ -162,8 +162,8 @@ def decide_long_heads(
                 moments=moments, calib=calib, local_score_stats=local_score_stats,
             )
         long = bulk_lse - local_lse > cfg.logit_tau
-    if cfg.min_bulk:
-        long = long | (n_bulk < cfg.min_bulk).unsqueeze(1)
+    if cfg.min_bulk and int(n_bulk.sum()) < cfg.min_bulk:
+        long = torch.ones_like(long)
     return long & (n_bulk > 0).unsqueeze(1)
 
 

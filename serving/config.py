@@ -45,8 +45,8 @@ class AttentionConfig(_Strict):
     static_heads: str | None = Field(None, description="JSON file of long heads, for policy static")
     calib: str | None = Field(None, description="statistics file, for stats calib")
     seed: int = 0
-    min_bulk: int = Field(0, ge=0, description="CPU: rows with fewer bulk tokens read them all "
-                          "instead of deciding (below ~2k tokens deciding costs more than it saves)")
+    min_bulk: int = Field(0, ge=0, description="CPU: a decode step whose bulks add up to fewer "
+                          "tokens reads everything instead of deciding (deciding costs more there)")
     observe: bool = Field(False, description="evaluation only: also compute the oracle's "
                           "decisions and top-1 positions from all keys (full-attention cost)")
     decode_tail: int = Field(0, ge=0, description="evaluation only: also run the last N prompt "

@@ -107,7 +107,7 @@ def test_counters_are_exact(qada_server, qada_client):
 @pytest.mark.parametrize("policy, settings, expect_long", [
     ("local", {}, 0.0), ("full", {}, 1.0), ("oracle", {}, None),
     ("qada", {"stats": "local"}, None), ("static", {}, None),
-    ("qada", {"min_bulk": 10_000}, 1.0),  # every bulk is shorter: read in full, no decision
+    ("qada", {"min_bulk": 10_000}, 1.0),  # less bulk than that in the step: read in full
 ])
 def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, policy, settings,
                              expect_long):

@@ -281,19 +281,17 @@ def test_strided_query(policy: str) -> None:
 
 
 @pytest.mark.parametrize("policy", ["local", "qada"])
-def test_min_bulk_rows_read_everything(policy: str) -> None:
-    """Rows whose bulk is shorter than min_bulk attend to everything (their heads count as long);
-    the others are decided as usual. All rows short: the whole batch takes the full path."""
-    case = make_case([90, 200, 700, 1000], 3, 3, 32, torch.float32, seed=7)
+def test_min_bulk_steps_read_everything(policy: str) -> None:
+    """A step whose bulks add up to fewer than min_bulk tokens reads everything (heads with a
+    bulk count as long); at or above it, the policy decides as without min_bulk."""
+    case = make_case([60, 200, 700, 1000], 3, 3, 32, torch.float32, seed=7)  # bulks 0, 120, 620, 920
     moments = fresh_moments(case.key_cache, case.block_table, case.seq_lens.tolist(), T_SINK, T_LOCAL)
     base = PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL, tau=0.5)
     plain = decode(case, base, moments=moments)
-    result = decode(case, PolicyConfig(**{**base.__dict__, "min_bulk": 500}), moments=moments)
-    short = torch.tensor([True, True, False, False])  # bulks of 10, 120, 620 and 920 tokens
-    expected_heads = torch.where(short.unsqueeze(1), n_bulk(case).unsqueeze(1) > 0, plain.long_heads)
-    assert torch.equal(result.long_heads, expected_heads)
-    assert_matches_masked_reference(case, result)
-    everything = decode(case, PolicyConfig(**{**base.__dict__, "min_bulk": 10_000}), moments=moments)
-    assert everything.long_heads.all()
+    decided = decode(case, PolicyConfig(**{**base.__dict__, "min_bulk": 1660}), moments=moments)
+    assert torch.equal(decided.long_heads, plain.long_heads) and not decided.long_heads.all()
+    assert_matches_masked_reference(case, decided)
+    everything = decode(case, PolicyConfig(**{**base.__dict__, "min_bulk": 1661}), moments=moments)
+    assert torch.equal(everything.long_heads, (n_bulk(case) > 0).unsqueeze(1).expand(4, 9))
     expected = torch.stack([sdpa_row(case, b) for b in range(4)])
     torch.testing.assert_close(everything.output, expected, **tolerance(torch.float32))

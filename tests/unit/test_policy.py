@@ -172,3 +172,12 @@ def test_group_rule_is_any_over_group() -> None:
     assert torch.equal(group_rule(long, 6), long)
     with pytest.raises(ValueError, match="multiple"):
         group_rule(long, 4)
+
+
+def test_min_bulk_counts_the_whole_step() -> None:
+    args = {**inputs(), "local_lse": torch.zeros(B, HQ)}
+    args["n_bulk"] = torch.tensor([0, 5, 10] + [0] * (B - 3))[:B]
+    cfg = PolicyConfig(policy="local", min_bulk=16)
+    long = decide_long_heads(cfg, **args)
+    assert torch.equal(long, (args["n_bulk"] > 0).unsqueeze(1).expand(B, HQ))
+    assert not decide_long_heads(PolicyConfig(policy="local", min_bulk=15), **args).any()
