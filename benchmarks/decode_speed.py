@@ -6,6 +6,8 @@ throughput = batch * N / (t(N+1) - t(1)), so prefill and HTTP overhead cancel ou
 
     python benchmarks/decode_speed.py                       # 2k/4k/7k x batch 1/8, fp32
     python benchmarks/decode_speed.py --dtype bfloat16 --contexts 7000 --batches 8
+    python benchmarks/decode_speed.py --taus 0.8 0.9 0.95   # one QAdA server, policy set per run
+    python benchmarks/decode_speed.py --contexts 2000 --min-bulk 0   # decide even for short bulks
 
 Writes results/decode_speed-<dtype>.json and prints a Markdown table.
 """
@@ -80,7 +82,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--policy", default="qada")
-    parser.add_argument("--tau", type=float, default=None)
+    parser.add_argument("--taus", type=float, nargs="+", default=[None],
+                        help="QAdA thresholds, measured one after another on the same server")
+    parser.add_argument("--min-bulk", type=int, default=None, help="default: the config's")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -99,28 +103,53 @@ def main() -> None:
     kv_gib = max(4, round(sum(args.contexts) * max(args.batches) * 46_080 * (1 if args.dtype == "float32" else 0.5) / 2**30) + 1)
     common = ["--set", f"engine.dtype={args.dtype}", "--set", f"engine.kv_cache_space_gib={kv_gib}"]
     qada = ["--config", "configs/smollm2-cpu-qada.yaml", "--policy", args.policy]
-    if args.tau is not None:
-        qada += ["--tau", str(args.tau)]
+    if args.min_bulk is not None:
+        qada += ["--set", f"attention.min_bulk={args.min_bulk}"]
     results = {"machine": platform.processor() or platform.machine(), "dtype": args.dtype,
-               "new_tokens": args.new_tokens, "policy": args.policy, "tau": args.tau, "runs": {}}
+               "new_tokens": args.new_tokens, "policy": args.policy, "command": sys.argv[1:], "runs": {}}
     log_dir = REPO / "results"
     log_dir.mkdir(exist_ok=True)
     for name, server_args in (("stock", ["--config", "configs/smollm2-cpu.yaml"]), ("qada", qada)):
         server = Server(server_args + common, log_dir / f"decode_speed-{name}.log")
         try:
             server.wait_ready()
-            results["runs"][name] = measure(server, prompts_by_context, args.batches, args.new_tokens, args.repeats)
+            if name == "stock":
+                results["runs"][name] = measure(server, prompts_by_context, args.batches, args.new_tokens, args.repeats)
+                continue
+            for tau in args.taus:
+                settings = set_tau(server, tau)
+                label = f"qada tau={settings['tau']:g} min_bulk={settings['min_bulk']}"
+                print(f"# {label}", flush=True)
+                results["runs"][label] = measure(server, prompts_by_context, args.batches, args.new_tokens, args.repeats)
         finally:
             server.stop()
     out = args.out or log_dir / f"decode_speed-{args.dtype}.json"
     out.write_text(json.dumps(results, indent=1))
-    print(f"\n| context | batch | stock tok/s | qada tok/s | speedup | qada KV-group local | passkey (stock/qada) |")
-    print("|---|---|---|---|---|---|---|")
-    for s, q in zip(results["runs"]["stock"], results["runs"]["qada"]):
-        print(f"| {s['context']} | {s['batch']} | {s['decode_tok_s']:.1f} | {q['decode_tok_s']:.1f} | "
-              f"{q['decode_tok_s'] / s['decode_tok_s']:.2f}x | {q['kv_group_local_fraction']} | "
-              f"{'yes' if s['passkey_answered'] else 'no'}/{'yes' if q['passkey_answered'] else 'no'} |")
+    print_table(results["runs"])
     print(f"\nwrote {out}")
+
+
+def set_tau(server, tau: float | None) -> dict:
+    """The server's policy, with `tau` replaced if given (PUT replaces every setting)."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    settings = httpx.get(server.url + "/v1/qada/policy", headers=headers).json()
+    if tau is not None:
+        settings = httpx.put(server.url + "/v1/qada/policy", headers=headers,
+                             json={**settings, "tau": tau}).raise_for_status().json()
+    return settings
+
+
+def print_table(runs: dict) -> None:
+    stock = runs["stock"]
+    print("\n| context | batch | stock tok/s | policy | qada tok/s | speedup | qada KV-group local | passkey (stock/qada) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for label, rows in runs.items():
+        if label == "stock":
+            continue
+        for s, q in zip(stock, rows):
+            print(f"| {s['context']} | {s['batch']} | {s['decode_tok_s']:.1f} | {label[5:]} | {q['decode_tok_s']:.1f} | "
+                  f"{q['decode_tok_s'] / s['decode_tok_s']:.2f}x | {q['kv_group_local_fraction']} | "
+                  f"{'yes' if s['passkey_answered'] else 'no'}/{'yes' if q['passkey_answered'] else 'no'} |")
 
 
 if __name__ == "__main__":
