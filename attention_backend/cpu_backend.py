@@ -21,10 +21,9 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 
-from .cpu_kernel import DecodePlan, paged_decode, plan_decode, reads_everything
+from .cpu_kernel import DecodePlan, bulk_sizes, paged_decode, plan_decode, reads_everything, undecided
 from .moments import MomentStep, fresh_moments
 from .observe import observe_decode
-from .policy import group_rule
 from .state import WORKER_STATE
 
 
@@ -42,10 +41,10 @@ class QadaCPUMetadata:
     prefill: CPUAttentionMetadata | None  # stock metadata of the prefill sub-batch
     decode_tokens: torch.Tensor | None = None  # token index of each decode row, if not 0..n-1
     plan: DecodePlan | None = None  # decode indices shared by all layers, built by the first
-    # When no decode row is decided (policy full, or every bulk below min_bulk): the whole batch
-    # on the stock path, and the decode rows' heads (long where they have a bulk) to count.
+    # When no decode row is decided (policy full, or bulks below min_bulk): the whole batch on
+    # the stock path, and the decode rows' (long heads, long groups) to count.
     stock: CPUAttentionMetadata | None = None
-    all_long: torch.Tensor | None = None
+    undecided: tuple[torch.Tensor, torch.Tensor] | None = None
     moments: MomentStep | None = None  # this step's key-moment update, planned by the first layer
 
 
@@ -81,12 +80,11 @@ class QadaCPUMetadataBuilder(CPUAttentionMetadataBuilder):
             decode_req_ids=req_ids[:num_decodes],
             prefill=None,
         )
-        policy = WORKER_STATE.policy
+        n_bulk = bulk_sizes(meta.decode_seq_lens, WORKER_STATE.policy)
         if (num_decodes and not tail and not WORKER_STATE.observe
-                and reads_everything(policy, meta.decode_seq_lens.tolist())):
+                and reads_everything(WORKER_STATE.policy, int(n_bulk.sum()))):
             meta.stock = super().build(common_prefix_len, cm, fast_build)
-            n_bulk = meta.decode_seq_lens - policy.t_sink - policy.t_local
-            meta.all_long = (n_bulk > 0).unsqueeze(1).expand(num_decodes, self.num_heads)
+            meta.undecided = undecided(n_bulk, self.num_heads, self.num_kv_heads)
             return meta
         if num_prefills:
             rows = slice(num_decodes, cm.num_reqs)
@@ -139,8 +137,7 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
         nd = meta.num_decode_tokens
         if meta.stock is not None:
             super().forward(layer, query, key, value, kv_cache, meta.stock, output)
-            self._record(layer, meta, meta.all_long, group_rule(meta.all_long, kv_cache.shape[1]),
-                         kv_cache.element_size())
+            self._record(layer, meta, *meta.undecided, kv_cache.element_size())
             return output
         if meta.prefill is not None:
             # key/value are only read by the stock kernel for encoder attention (never here).
@@ -173,7 +170,7 @@ class QadaCPUImpl(CPUAttentionBackendImpl):
             meta.plan = plan_decode(meta.decode_block_table, meta.decode_seq_lens, cfg,
                                     block_size=block_size, num_kv_heads=num_kv_heads)
         moments = None
-        if cfg.policy == "qada" and cfg.stats == "prompt" and not reads_everything(cfg, meta.plan.lengths):
+        if cfg.policy == "qada" and cfg.stats == "prompt" and not reads_everything(cfg, meta.plan.total_bulk):
             moments = self._prompt_moments(layer_index, key_cache, meta)
         shape, query = query.shape, query.view(meta.num_decodes, self.num_heads, self.head_size)
         result = paged_decode(

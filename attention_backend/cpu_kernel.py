@@ -48,6 +48,7 @@ class DecodePlan:
     t_local: int
     lengths: list[int]
     n_bulk: Tensor  # [B] int64
+    total_bulk: int  # their sum
     local_rows: Tensor  # [B * Hkv * S] flat (block, head) rows of the local slots
     local_slots: int  # S
     local_invalid: Tensor  # [B, 1, S, 1, bs] bool: positions outside the local set
@@ -96,10 +97,11 @@ def plan_decode(
     table = block_table[:, :n_blocks].long()
     table = torch.where(torch.arange(n_blocks) > last.unsqueeze(1), phys[:, -1:], table)
     head_tables = (table.unsqueeze(1) * num_kv_heads + heads.view(1, -1, 1)).flatten(0, 1)
+    n_bulk = bulk_sizes(seq_lens, cfg)
     return DecodePlan(
         batch=batch, block_size=block_size, num_kv_heads=num_kv_heads,
         t_sink=cfg.t_sink, t_local=cfg.t_local, lengths=seq_lens.tolist(),
-        n_bulk=(seq_lens - cfg.t_sink - cfg.t_local).clamp(min=0),
+        n_bulk=n_bulk, total_bulk=int(n_bulk.sum()),
         local_rows=rows.flatten(), local_slots=num_slots,
         local_invalid=~valid, local_valid_f=valid.float(),
         local_count=valid.flatten(1).sum(-1).view(batch, 1, 1),
@@ -108,12 +110,22 @@ def plan_decode(
     )
 
 
-def reads_everything(cfg: PolicyConfig, lengths: list[int]) -> bool:
+def bulk_sizes(seq_lens: Tensor, cfg: PolicyConfig) -> Tensor:
+    """[B] int64: tokens outside each row's sinks and window."""
+    return (seq_lens.long() - cfg.t_sink - cfg.t_local).clamp(min=0)
+
+
+def reads_everything(cfg: PolicyConfig, total_bulk: int) -> bool:
     """True when no row of the step is decided: policy `full`, or bulks adding up to fewer than
     `min_bulk` tokens."""
-    if cfg.policy == "full":
-        return True
-    return sum(max(0, n - cfg.t_sink - cfg.t_local) for n in lengths) < cfg.min_bulk
+    return cfg.policy == "full" or total_bulk < cfg.min_bulk
+
+
+def undecided(n_bulk: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor]:
+    """The (long heads [B, Hq], long groups [B, Hkv]) of a step that reads everything: long
+    wherever there is a bulk."""
+    has_bulk = (n_bulk > 0).unsqueeze(1)
+    return has_bulk.expand(-1, num_heads), has_bulk.expand(-1, num_kv_heads)
 
 
 def paged_decode(
@@ -145,10 +157,9 @@ def paged_decode(
     elif (plan.batch, plan.block_size, plan.num_kv_heads, plan.t_sink, plan.t_local) != (
             batch, block_size, num_kv_heads, cfg.t_sink, cfg.t_local):
         raise ValueError("plan does not match this call (batch, block size, KV heads or cfg)")
-    if reads_everything(cfg, plan.lengths):  # vLLM's kernel as is: the stock output, exactly
-        long_heads = (plan.n_bulk > 0).unsqueeze(1).expand(batch, num_heads)  # as decided
+    if reads_everything(cfg, plan.total_bulk):  # vLLM's kernel as is: the stock output, exactly
         out = _stock_attention(query, key_cache, value_cache, block_table, seq_lens.int(), scale)
-        return DecodeResult(out, long_heads, group_rule(long_heads, num_kv_heads))
+        return DecodeResult(out, *undecided(plan.n_bulk, num_heads, num_kv_heads))
 
     group = num_heads // num_kv_heads
     heads_view = _HeadViews(key_cache, value_cache)
@@ -186,7 +197,7 @@ class _HeadViews:
 
     def __init__(self, key_cache: Tensor, value_cache: Tensor) -> None:
         num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
-        self.block_size, self.head_dim = block_size, head_dim
+        self.block_size = block_size
         self.k_flat = key_cache.view(num_blocks * num_kv_heads, head_dim, block_size)
         self.v_flat = value_cache.view(num_blocks * num_kv_heads, block_size, head_dim)
         self.key_cache, self.value_cache = (_one_head_blocks(c) for c in (key_cache, value_cache))
