@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/smollm2-cpu.yaml
 
-.PHONY: install system-deps model serve test unit dashboard clean
+.PHONY: install system-deps model serve test unit dashboard vllm-kernel clean
 
 install: $(VENV)/.installed
 
@@ -37,6 +37,11 @@ unit: install
 
 dashboard: install
 	$(BIN)/python docker/grafana/dashboard.py
+
+# vLLM's Triton decode kernel as files (ignored by git) for the GPU benchmark's reference:
+# the GPU machine has no vLLM, so they travel with the working tree (`carry: [".vendor"]`).
+vllm-kernel: install
+	$(BIN)/python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops
 
 clean:
 	rm -rf $(VENV) *.egg-info

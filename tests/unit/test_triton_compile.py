@@ -1,0 +1,106 @@
+"""The Triton decode kernel compiled for H100 (sm_90) by Triton's real code generator and ptxas,
+without a GPU (see `triton_offline`): every policy and the shapes the GPU path promises build to
+a cubin that uses tensor cores, pipelines its cache loads and spills no registers. The
+interpreter tests check the numbers; these check that the same source builds for the device.
+vLLM's own decode kernel, the GPU benchmark's reference, is built the same way."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from attention_backend.policy import PolicyConfig
+from attention_backend.triton_kernel import qada_decode
+
+from triton_offline import compile_only
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.vllm_unified import UnifiedDecode, installed_ops_dir, load  # noqa: E402
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="kernels are interpreted in this process")
+
+POLICIES = {
+    "full": PolicyConfig(policy="full"),
+    "local": PolicyConfig(policy="local"),
+    "oracle": PolicyConfig(policy="oracle"),
+    "static": PolicyConfig(policy="static"),
+    "qada-prompt": PolicyConfig(policy="qada", stats="prompt"),
+    "qada-calib": PolicyConfig(policy="qada", stats="calib"),
+    "qada-local": PolicyConfig(policy="qada", stats="local"),
+}
+
+
+def compile_decode(cfg: PolicyConfig, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
+                   arch: int = 90, num_kv_heads: int = 2, batch: int = 2):
+    """Run `qada_decode` on small CPU tensors with every launch compiled for sm_`arch` instead."""
+    blocks = 4 * batch
+    kv = torch.zeros(blocks, block_size, num_kv_heads, 2 * head_dim, dtype=dtype)
+    table = torch.arange(blocks, dtype=torch.int32).view(batch, -1)
+    seq_lens = torch.full((batch,), 3 * block_size, dtype=torch.int32)
+    query = torch.zeros(batch, num_kv_heads * group, head_dim, dtype=dtype)
+    d = head_dim
+    kwargs = {}
+    if cfg.policy == "qada" and cfg.stats == "prompt":
+        kwargs["moments"] = (torch.ones(batch, dtype=torch.long), torch.zeros(batch, num_kv_heads, d),
+                             torch.zeros(batch, num_kv_heads, d, d))
+    elif cfg.policy == "qada" and cfg.stats == "calib":
+        kwargs["calib"] = (torch.zeros(num_kv_heads, d), torch.zeros(num_kv_heads, d, d))
+    elif cfg.policy in ("static", "random"):
+        kwargs["long_mask"] = torch.ones(num_kv_heads * group, dtype=torch.bool)
+    with compile_only(arch) as compiled:
+        qada_decode(query, kv[..., :d], kv[..., d:], table, seq_lens, d**-0.5, cfg, **kwargs)
+    return {c.name: c for c in compiled}
+
+
+def check_device_code(kernels: dict, dtype: torch.dtype) -> None:
+    assert sorted(kernels) == ["_bulk_kernel", "_local_kernel", "_merge_kernel"]
+    for name, kernel in kernels.items():
+        res = kernel.resources()
+        assert res["LOCAL"] == 0 and res["STACK"] == 0, f"{name} spills registers: {res}"
+        assert res["REG"] <= 255, res
+    for name in ("_local_kernel", "_bulk_kernel"):  # the K/V loops
+        ptx = kernels[name].ptx
+        if dtype != torch.float32:
+            assert "mma.sync" in ptx or "wgmma" in ptx, f"{name}: QK and PV dots are not on tensor cores"
+        assert "cp.async" in ptx, f"{name}: cache tiles are not loaded asynchronously (no pipelining)"
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_every_policy_builds_for_h100_at_llama_8b_shapes(policy: str) -> None:
+    kernels = compile_decode(POLICIES[policy], group=4, head_dim=128, block_size=16, dtype=torch.bfloat16)
+    check_device_code(kernels, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_promised_shapes_build_for_h100(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> None:
+    kernels = compile_decode(POLICIES["qada-prompt"], group, head_dim, block_size, dtype)
+    check_device_code(kernels, dtype)
+
+
+def test_fp32_cache_and_ampere_build() -> None:
+    check_device_code(compile_decode(POLICIES["qada-prompt"], 7, 64, 16, torch.float32), torch.float32)
+    check_device_code(compile_decode(POLICIES["oracle"], 6, 128, 16, torch.bfloat16, arch=80), torch.bfloat16)
+
+
+@pytest.mark.parametrize("batch", [2, 64], ids=["3d-split-softmax", "2d"])
+def test_vllm_reference_kernel_builds_for_h100(batch: int) -> None:
+    """The benchmark's reference, vLLM's unified_attention loaded from its files, builds for
+    H100 with this Triton in both of the launch shapes vLLM picks for decode batches."""
+    kernel = load(installed_ops_dir())
+    decode = UnifiedDecode(kernel, batch, 32, 8, 128, torch.device("cpu"))
+    kv = torch.zeros(batch * 2, 16, 8, 256, dtype=torch.bfloat16)
+    query = torch.zeros(batch, 32, 128, dtype=torch.bfloat16)
+    table = torch.arange(batch * 2, dtype=torch.int32).view(batch, 2)
+    seq_lens = torch.full((batch,), 30, dtype=torch.int32)
+    with compile_only(90) as compiled:
+        decode(query, kv[..., :128], kv[..., 128:], table, seq_lens, 30, 128**-0.5, torch.empty_like(query))
+    names = [c.name for c in compiled]
+    assert names == (["kernel_unified_attention", "reduce_segments"] if decode.uses_3d else ["kernel_unified_attention"])
+    assert all(c.resources()["LOCAL"] == 0 for c in compiled)
