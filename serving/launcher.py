@@ -73,6 +73,9 @@ def vllm_environment(cfg: ServeConfig, base: dict[str, str] | None = None) -> di
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.engine.kv_cache_space_gib:g}")
     if cfg.attention.enabled:
         env["QADA_ENABLE"] = "1"
+        # Our worker reads the batch's request order from the V1 model runner's persistent input
+        # batch; vLLM 0.33 on GPU defaults to the V2 runner, which builds its batch per step.
+        env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     return env
 
 

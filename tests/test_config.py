@@ -63,6 +63,7 @@ def test_vllm_command_and_environment(tmp_path):
     assert qada["policy"] == "qada" and qada["t_local"] == 128
     env = vllm_environment(cfg, base={})
     assert env["VLLM_PLUGINS"] == "qada,qada_endpoints" and env["QADA_ENABLE"] == "1"
+    assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # the worker reads the V1 runner's batch
     assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
     assert cmd[cmd.index("--worker-cls") + 1] == "attention_backend.worker.QadaCPUWorker"

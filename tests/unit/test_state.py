@@ -39,3 +39,16 @@ def test_forget_frees_slots():
     state.moments.plan(["a", "b"], case.block_table, [300, 400], 16, 128, 128)
     state.forget(["a"])
     assert "a" not in state.moments and "b" in state.moments
+
+
+def test_request_ids_come_from_the_v1_runner_batch_or_fail_clearly():
+    from types import SimpleNamespace
+
+    state = WorkerState()
+    with pytest.raises(RuntimeError, match="--worker-cls"):
+        state.request_ids(1)
+    state.runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=["a", "b", "c"]))
+    assert state.request_ids(2) == ["a", "b"]
+    state.runner = SimpleNamespace()  # vLLM's V2 runner keeps no persistent batch
+    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
+        state.request_ids(1)
