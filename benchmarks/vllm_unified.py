@@ -8,7 +8,8 @@ rest of vLLM stood in for: `envs.VLLM_BATCH_INVARIANT` (off), `init_logger`, `cu
 `decode` calls it the way `TritonAttentionImpl.forward` does for a batch of decode rows,
 including its 2D/3D (split-softmax) choice.
 
-    python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops    # where vLLM is installed
+    python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops    # from the installed vLLM
+    python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops --from-wheel vllm-0.33.0-*.whl
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import logging
 import shutil
 import sys
 import types
+import zipfile
 from pathlib import Path
 
 import torch
@@ -35,6 +37,19 @@ class KVQuantMode(enum.IntEnum):  # the members and values the kernel file uses
     INT8_PER_TOKEN_HEAD = 2
     FP8_PER_TOKEN_HEAD = 3
     INT4_PER_TOKEN_HEAD = 4
+
+
+class _Logger(logging.LoggerAdapter):
+    """vLLM's logger has *_once variants."""
+
+    def debug_once(self, msg, *args, **kwargs):
+        self.debug(msg, *args)
+
+    def info_once(self, msg, *args, **kwargs):
+        self.info(msg, *args)
+
+    def warning_once(self, msg, *args, **kwargs):
+        self.warning(msg, *args)
 
 
 class _Platform:
@@ -60,7 +75,7 @@ def _stand_ins() -> dict[str, types.ModuleType]:
     return {
         **{name: module(name, __path__=[]) for name in packages},
         "vllm.envs": module("vllm.envs", VLLM_BATCH_INVARIANT=False),
-        "vllm.logger": module("vllm.logger", init_logger=logging.getLogger),
+        "vllm.logger": module("vllm.logger", init_logger=lambda name: _Logger(logging.getLogger(name), {})),
         "vllm.platforms": module("vllm.platforms", current_platform=_Platform()),
         "vllm.triton_utils": module("vllm.triton_utils", tl=tl, triton=triton),
         "vllm.v1.kv_cache_interface": module("vllm.v1.kv_cache_interface", KVQuantMode=KVQuantMode),
@@ -134,15 +149,25 @@ def installed_ops_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "v1" / "attention" / "ops"
 
 
-def copy_from_installed(dest: Path) -> None:
-    src = installed_ops_dir()
+def copy_kernel(dest: Path, wheel: Path | None = None) -> None:
+    """The two files from this machine's vLLM, or from a vLLM wheel (e.g. the GPU build:
+    `pip download --no-deps vllm==0.33.0`)."""
     dest.mkdir(parents=True, exist_ok=True)
-    for file in FILES:
-        shutil.copy2(src / file, dest / file)
+    if wheel is None:
+        src = installed_ops_dir()
+        for file in FILES:
+            shutil.copy2(src / file, dest / file)
+    else:
+        src = wheel
+        with zipfile.ZipFile(wheel) as zf:
+            for file in FILES:
+                (dest / file).write_bytes(zf.read(f"vllm/v1/attention/ops/{file}"))
     print(f"copied {', '.join(FILES)} from {src} to {dest}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copy-to", type=Path, required=True)
-    copy_from_installed(parser.parse_args().copy_to)
+    parser.add_argument("--from-wheel", type=Path, help="a vLLM wheel (default: the installed vLLM)")
+    args = parser.parse_args()
+    copy_kernel(args.copy_to, args.from_wheel)
