@@ -15,6 +15,7 @@ import torch
 from attention_backend.policy import PolicyConfig
 from attention_backend.triton_kernel import qada_decode
 
+from test_triton_kernel import POLICIES as KERNEL_TEST_POLICIES
 from triton_offline import compile_only
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -23,15 +24,7 @@ from benchmarks.vllm_unified import UnifiedDecode, installed_ops_dir, load  # no
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
                                 reason="kernels are interpreted in this process")
 
-POLICIES = {
-    "full": PolicyConfig(policy="full"),
-    "local": PolicyConfig(policy="local"),
-    "oracle": PolicyConfig(policy="oracle"),
-    "static": PolicyConfig(policy="static"),
-    "qada-prompt": PolicyConfig(policy="qada", stats="prompt"),
-    "qada-calib": PolicyConfig(policy="qada", stats="calib"),
-    "qada-local": PolicyConfig(policy="qada", stats="local"),
-}
+POLICIES = {name: PolicyConfig(**kw) for name, kw in KERNEL_TEST_POLICIES.items()}
 
 
 def compile_decode(cfg: PolicyConfig, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
