@@ -88,8 +88,9 @@ def copy_bandwidth(dev: str, gib: float = 4.0) -> float:
     return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
 
 
-def check(dev: str, args, vllm_kernel) -> None:
-    """Kernel (and vLLM's kernel) == PyTorch reference on a small case, for `full` and a 25 % mask."""
+def check(dev: str, args, vllm_kernel):
+    """Kernel (and vLLM's kernel) == PyTorch reference on a small case, for `full` and a 25 % mask.
+    Returns vLLM's kernel module if it runs here, else None."""
     gen = torch.Generator(device=dev).manual_seed(1)
     dtype = DTYPES[args.dtype]
     k, v, table = paged_cache(2, 1000, gen, dev, dtype)
@@ -106,14 +107,20 @@ def check(dev: str, args, vllm_kernel) -> None:
         print(f"check {policy}: max |kernel - reference| = {err:.2e}")
         if not err < 2e-2:
             raise SystemExit(f"kernel disagrees with the reference ({policy}): {err}")
-    if vllm_kernel is not None:
-        full = reference_decode(q, k, v, table, seq_lens, D**-0.5, PolicyConfig(policy="full")).output
+    if vllm_kernel is None:
+        return None
+    full = reference_decode(q, k, v, table, seq_lens, D**-0.5, PolicyConfig(policy="full")).output
+    try:
         got = UnifiedDecode(vllm_kernel, 2, HQ, HKV, D, torch.device(dev))(
             q, k, v, table, seq_lens, 1000, D**-0.5, torch.empty_like(q))
-        err = (got.float().cpu() - full).abs().max().item()
-        print(f"check vllm unified_attention: max |vllm - reference| = {err:.2e}")
-        if not err < 2e-2:
-            raise SystemExit(f"vLLM's kernel disagrees with the reference: {err}")
+    except Exception as e:  # e.g. newer vLLM source on an older Triton: go on without it
+        print(f"no vLLM reference: its kernel failed here ({type(e).__name__}: {str(e)[:300]})")
+        return None
+    err = (got.float().cpu() - full).abs().max().item()
+    print(f"check vllm unified_attention: max |vllm - reference| = {err:.2e}")
+    if not err < 2e-2:
+        raise SystemExit(f"vLLM's kernel disagrees with the reference: {err}")
+    return vllm_kernel
 
 
 def run(args, vllm_kernel) -> list[dict]:
@@ -267,9 +274,9 @@ def main() -> None:
     vllm_kernel = None
     try:
         vllm_kernel = load(args.vllm_ops)
-    except FileNotFoundError as e:
-        print(f"no vLLM reference: {e}")
-    check(dev, args, vllm_kernel)
+    except Exception as e:  # missing files, or source this Triton cannot import
+        print(f"no vLLM reference: {type(e).__name__}: {e}")
+    vllm_kernel = check(dev, args, vllm_kernel)
     copy_gbps = copy_bandwidth(dev, 4.0 if dev == "cuda" else 0.01)
     print(f"copy bandwidth: {copy_gbps:.0f} GB/s (read + write)")
     rows = run(args, vllm_kernel)
