@@ -15,7 +15,7 @@ import torch
 from attention_backend.policy import PolicyConfig
 from attention_backend.triton_kernel import qada_decode
 
-from test_triton_kernel import POLICIES as KERNEL_TEST_POLICIES
+from test_triton_kernel import POLICIES as KERNEL_TEST_POLICIES, make_case, policy_inputs
 from triton_offline import compile_only
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -28,24 +28,14 @@ POLICIES = {name: PolicyConfig(**kw) for name, kw in KERNEL_TEST_POLICIES.items(
 
 
 def compile_decode(cfg: PolicyConfig, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                   arch: int = 90, num_kv_heads: int = 2, batch: int = 2):
-    """Run `qada_decode` on small CPU tensors with every launch compiled for sm_`arch` instead."""
-    blocks = 4 * batch
-    kv = torch.zeros(blocks, block_size, num_kv_heads, 2 * head_dim, dtype=dtype)
-    table = torch.arange(blocks, dtype=torch.int32).view(batch, -1)
-    seq_lens = torch.full((batch,), 3 * block_size, dtype=torch.int32)
-    query = torch.zeros(batch, num_kv_heads * group, head_dim, dtype=dtype)
-    d = head_dim
-    kwargs = {}
-    if cfg.policy == "qada" and cfg.stats == "prompt":
-        kwargs["moments"] = (torch.ones(batch, dtype=torch.long), torch.zeros(batch, num_kv_heads, d),
-                             torch.zeros(batch, num_kv_heads, d, d))
-    elif cfg.policy == "qada" and cfg.stats == "calib":
-        kwargs["calib"] = (torch.zeros(num_kv_heads, d), torch.zeros(num_kv_heads, d, d))
-    elif cfg.policy in ("static", "random"):
-        kwargs["long_mask"] = torch.ones(num_kv_heads * group, dtype=torch.bool)
+                   arch: int = 90):
+    """Run `qada_decode` (production tile) on an interpreter-test case with every launch compiled
+    for sm_`arch` instead."""
+    case = make_case([3 * block_size, 2 * block_size], 2, group, head_dim, block_size, dtype)
+    kwargs, _ = policy_inputs(case, cfg)
     with compile_only(arch) as compiled:
-        qada_decode(query, kv[..., :d], kv[..., d:], table, seq_lens, d**-0.5, cfg, **kwargs)
+        qada_decode(case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens,
+                    case.scale, cfg, **kwargs)
     return {c.name: c for c in compiled}
 
 

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
@@ -59,9 +58,6 @@ class _Target:
 
     def get_current_stream(self, device=None) -> int:
         return 0
-
-    def get_active_torch_device(self) -> torch.device:
-        return torch.device("cpu")
 
 
 @contextmanager
