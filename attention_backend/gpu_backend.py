@@ -12,7 +12,8 @@ per-request moment rows and decision counters are host-side bookkeeping. Request
 qada/prompt statistics and per-request counters) come from `WORKER_STATE.runner`, which the
 worker class (`gpu_worker.QadaGPUWorker`, set by `qada serve`) provides: without it qada/prompt
 raises and counters are not recorded. It reads them from vLLM's V1 model runner, so `qada serve`
-sets VLLM_USE_V2_MODEL_RUNNER=0 (0.33 defaults to V2 on GPU). `observe` and `decode_tail` (evaluation) are CPU-only.
+sets VLLM_USE_V2_MODEL_RUNNER=0 (0.33 defaults to V2 on GPU). `observe` and `decode_tail`
+(evaluation) are CPU-only.
 qada/prompt keeps S2 for every live request: max_num_seqs * Hkv * D^2 * 4 bytes per layer.
 """
 from __future__ import annotations

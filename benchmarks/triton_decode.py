@@ -30,11 +30,11 @@ import csv
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.benchmark
 import triton
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -69,12 +69,7 @@ def group_mask(batch: int, fraction: float, gen: torch.Generator, dev: str) -> t
 def timed(fn, graph: bool, dev: str = "cuda") -> float:
     """Median milliseconds (on CPU, of a few wall-clock runs: the smoke run's timings mean nothing)."""
     if dev != "cuda":
-        runs = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - start) * 1e3)
-        return sorted(runs)[1]
+        return torch.utils.benchmark.Timer("fn()", globals={"fn": fn}).timeit(3).median * 1e3
     if graph:
         return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
@@ -83,8 +78,7 @@ def timed(fn, graph: bool, dev: str = "cuda") -> float:
 def copy_bandwidth(dev: str, gib: float = 4.0) -> float:
     """GB/s of a large clone, counting bytes read + written."""
     x = torch.empty(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=dev)
-    ms = (triton.testing.do_bench(lambda: x.clone(), warmup=5, rep=50, return_mode="median") if dev == "cuda"
-          else timed(x.clone, False, dev))
+    ms = timed(x.clone, False, dev)
     return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
 
 
@@ -177,12 +171,11 @@ def run(args, vllm_kernel) -> list[dict]:
                 ms = timed(fn, args.graph, dev)
                 n_long = round(fraction * batch * HKV)
                 required = (n_long * ctx + (batch * HKV - n_long) * min(ctx, local_tokens)) * token_bytes
-                full_bytes = batch * ctx * HKV * token_bytes
                 rows.append(dict(context=ctx, batch=batch, variant=name, long_fraction=fraction,
                                  splits=splits, sdpa_backend=sdpa_backend, ms=ms, sdpa_ms=t_sdpa, vllm_ms=t_vllm,
                                  best_reference=best, reference_ms=t_ref, speedup_vs_sdpa=t_sdpa / ms,
                                  speedup_vs_best=t_ref / ms, required_gbps=required / (ms * 1e-3) / 1e9,
-                                 reference_gbps=full_bytes / (t_ref * 1e-3) / 1e9))
+                                 reference_gbps=kv_bytes / (t_ref * 1e-3) / 1e9))
                 vllm_us = f"{t_vllm * 1e3:8.1f}" if t_vllm is not None else "     n/a"
                 print(f"ctx={ctx:>6} B={batch:>2} {name:>9}: {ms * 1e3:8.1f} us  sdpa {t_sdpa * 1e3:8.1f} us"
                       f"  vllm {vllm_us} us  x{t_ref / ms:5.2f} vs {best}  {rows[-1]['required_gbps']:7.0f} GB/s",
@@ -285,7 +278,8 @@ def main() -> None:
     summary = goals(rows)
     for g in summary:
         worst = "no point" if g["worst"] is None else f"worst {g['worst']:.2f} at {g['at']}"
-        print(f"goal: {g['goal']}: {worst} -> {dict([(True, 'met'), (False, 'NOT met'), (None, '-')])[g['met']]}")
+        verdict = {True: "met", False: "NOT met", None: "-"}[g["met"]]
+        print(f"goal: {g['goal']}: {worst} -> {verdict}")
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter; timings meaningless)"
     meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
                 shapes=dict(hq=HQ, hkv=HKV, head_dim=D, block_size=BLOCK, dtype=args.dtype),

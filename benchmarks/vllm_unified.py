@@ -5,7 +5,7 @@ The kernel's two source files are copied from a vLLM install into a directory (n
 see `make vllm-kernel`) and loaded here, unmodified, with the five names they import from the
 rest of vLLM stood in for: `envs.VLLM_BATCH_INVARIANT` (off), `init_logger`, `current_platform`
 (fp8 dtype, device capability), `triton_utils` (triton itself) and the `KVQuantMode` enum.
-`decode` calls it the way `TritonAttentionImpl.forward` does for a batch of decode rows,
+`UnifiedDecode` calls it the way `TritonAttentionImpl.forward` does for a batch of decode rows,
 including its 2D/3D (split-softmax) choice.
 
     python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops    # from the installed vLLM
@@ -24,6 +24,8 @@ import zipfile
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 FILES = ("triton_attention_helpers.py", "triton_unified_attention.py")
 OPS = "vllm.v1.attention.ops"
@@ -63,9 +65,6 @@ class _Platform:
 
 
 def _stand_ins() -> dict[str, types.ModuleType]:
-    import triton
-    import triton.language as tl
-
     def module(name: str, **attrs) -> types.ModuleType:
         mod = types.ModuleType(name)
         mod.__dict__.update(attrs)
@@ -88,6 +87,7 @@ def load(ops_dir: Path) -> types.ModuleType:
     missing = [f for f in FILES if not (Path(ops_dir) / f).is_file()]
     if missing:
         raise FileNotFoundError(f"{ops_dir} lacks {missing}: run `make vllm-kernel` where vLLM is installed")
+
     def is_vllm(name: str) -> bool:
         return name == "vllm" or name.startswith("vllm.")
 
@@ -120,7 +120,7 @@ class UnifiedDecode:
         self.threshold = MIN_LAUNCH_GRID_SIZE_2D // num_kv_heads
         rows = self.threshold
         f32 = dict(dtype=torch.float32, device=device)
-        padded = 1 << (head_dim - 1).bit_length()
+        padded = triton.next_power_of_2(head_dim)
         self.segm_output = torch.empty(rows, num_heads, NUM_PAR_SOFTMAX_SEGMENTS, padded, **f32)
         self.segm_max = torch.empty(rows, num_heads, NUM_PAR_SOFTMAX_SEGMENTS, **f32)
         self.segm_expsum = torch.empty(rows, num_heads, NUM_PAR_SOFTMAX_SEGMENTS, **f32)
