@@ -1,0 +1,153 @@
+"""The GPU backend's host logic run on CPU: vLLM's Triton builder and impl classes as the engine
+drives them, step after step, with the Triton kernel call replaced by a recorder that checks the
+key moments it is given against moments recomputed from the cache."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+vllm = pytest.importorskip("vllm")
+from vllm.config import set_current_vllm_config  # noqa: E402
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+
+from attention_backend import gpu_backend  # noqa: E402
+from attention_backend.state import WORKER_STATE  # noqa: E402
+from attention_backend.triton_kernel import DecodeResult  # noqa: E402
+
+HQ, HKV, D, BS, LAYER = 9, 3, 64, 16, 0
+NUM_BLOCKS = 200
+
+
+@pytest.fixture(scope="module")
+def vllm_config(model_path):
+    return EngineArgs(model=str(model_path), dtype="float32").create_engine_config()
+
+
+class GpuHost:
+    """One layer of the GPU backend on CPU tensors, over a paged NHD cache holding random keys for
+    every position a request will reach."""
+
+    def __init__(self, vllm_config, monkeypatch) -> None:
+        spec = FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
+        with set_current_vllm_config(vllm_config):
+            self.builder = gpu_backend.QadaTritonMetadataBuilder(
+                spec, [f"model.layers.{LAYER}.self_attn.attn"], vllm_config, torch.device("cpu"))
+            self.impl = gpu_backend.QadaTritonImpl(HQ, D, D**-0.5, HKV, None, None, "auto")
+        gen = torch.Generator().manual_seed(0)
+        physical = torch.randn(NUM_BLOCKS, BS, HKV, 2 * D, generator=gen) + 0.5
+        self.kv_cache = physical.transpose(1, 2)  # vLLM's logical shape, NHD strides
+        self.key_cache = physical[..., :D]
+        self.tables: dict[str, torch.Tensor] = {}
+        self.free = list(torch.randperm(NUM_BLOCKS, generator=gen).tolist())
+        self.layer = SimpleNamespace(layer_name=f"model.layers.{LAYER}.self_attn.attn")
+        self.seen: list[tuple] = []  # (req ids, seq lens, moments) the kernel was given
+        monkeypatch.setattr(gpu_backend, "qada_decode", self._kernel)
+        self._step_req_ids: list[str] = []
+
+    def _kernel(self, query, key_cache, value_cache, table, seq_lens, scale, cfg, **kwargs):
+        if "moments" in kwargs:
+            n, s1, s2 = kwargs["moments"]
+            rows = kwargs.get("moment_rows")
+            rows = torch.arange(len(seq_lens)) if rows is None else rows
+            self.seen.append((list(self._step_req_ids), seq_lens.tolist(),
+                              (n[rows].clone(), s1[rows].clone(), s2[rows].clone()), cfg))
+        batch = query.shape[0]
+        long_heads = torch.zeros(batch, HQ, dtype=torch.bool)
+        return DecodeResult(torch.zeros_like(query), long_heads, torch.zeros(batch, HKV, dtype=torch.bool))
+
+    def configure(self, **settings) -> None:
+        WORKER_STATE.configure({"policy": "qada", "stats": "prompt", "t_sink": 4, "t_local": 32,
+                                **settings})
+
+    def step(self, rows: dict[str, int]) -> None:
+        """One decode step: each request decodes its token at position length - 1."""
+        req_ids = list(rows)
+        for r in req_ids:
+            if r not in self.tables:
+                self.tables[r] = torch.tensor([self.free.pop() for _ in range(40)], dtype=torch.int32)
+        seq_lens = torch.tensor([rows[r] for r in req_ids], dtype=torch.int32)
+        batch = len(req_ids)
+        cm = CommonAttentionMetadata(
+            query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
+            query_start_loc_cpu=torch.arange(batch + 1, dtype=torch.int32),
+            seq_lens=seq_lens, num_reqs=batch, num_actual_tokens=batch, max_query_len=1,
+            max_seq_len=int(seq_lens.max()), block_table_tensor=torch.stack([self.tables[r] for r in req_ids]),
+            slot_mapping=torch.zeros(batch, dtype=torch.int64))
+        WORKER_STATE.runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=req_ids))
+        self._step_req_ids = req_ids
+        meta = self.builder.build(0, cm)
+        query = torch.randn(batch, HQ * D)
+        output = torch.empty(batch, HQ * D)
+        self.impl.forward(self.layer, query, query[:, :HKV * D], query[:, :HKV * D], self.kv_cache, meta, output)
+        WORKER_STATE.counters.end_step()
+
+    def expected_moments(self, req_id: str, seq_len: int, t_sink: int, t_local: int):
+        pos = torch.arange(t_sink, max(t_sink, seq_len - t_local))
+        table = self.tables[req_id]
+        keys = self.key_cache[table[pos // BS].long(), pos % BS]  # [n, Hkv, D]
+        return len(pos), keys.sum(0), torch.einsum("nhd,nhe->hde", keys, keys)
+
+    def assert_last_moments_exact(self) -> None:
+        req_ids, seq_lens, (n, s1, s2), cfg = self.seen[-1]
+        for i, (r, length) in enumerate(zip(req_ids, seq_lens)):
+            want_n, want_s1, want_s2 = self.expected_moments(r, length, cfg.t_sink, cfg.t_local)
+            assert int(n[i]) == want_n, f"{r}: n {int(n[i])} != {want_n}"
+            torch.testing.assert_close(s1[i], want_s1, rtol=1e-4, atol=1e-3, msg=f"{r}: S1 is stale")
+            torch.testing.assert_close(s2[i], want_s2, rtol=1e-4, atol=1e-2, msg=f"{r}: S2 is stale")
+
+
+@pytest.fixture
+def host(vllm_config, monkeypatch):
+    from attention_backend.gpu_backend import MOMENT_ROWS
+
+    MOMENT_ROWS.row_of.clear()
+    host = GpuHost(vllm_config, monkeypatch)
+    yield host
+    WORKER_STATE.runner = None
+
+
+def test_moments_stay_exact_across_a_policy_switch(host):
+    """qada -> full -> qada: the rows were not advanced during the full steps."""
+    host.configure()
+    lengths = {"a": 300, "b": 120}
+    for _ in range(3):
+        host.step(lengths)
+        host.assert_last_moments_exact()
+        lengths = {r: n + 1 for r, n in lengths.items()}
+    host.configure(policy="full")
+    for _ in range(4):
+        host.step(lengths)
+        lengths = {r: n + 1 for r, n in lengths.items()}
+    host.configure()
+    host.step(lengths)
+    host.assert_last_moments_exact()
+
+
+def test_moments_stay_exact_when_the_window_changes(host):
+    host.configure()
+    lengths = {"a": 300, "b": 200}
+    for t_local in (32, 32, 64, 64, 16):
+        host.configure(t_local=t_local)
+        host.step(lengths)
+        host.assert_last_moments_exact()
+        lengths = {r: n + 1 for r, n in lengths.items()}
+
+
+def test_moments_stay_exact_as_rows_finish_and_return(host):
+    """b skips a step (a prefill chunk elsewhere, or not scheduled) and comes back; a finishes and
+    c takes the freed row."""
+    host.configure()
+    host.step({"a": 300, "b": 200})
+    host.step({"a": 301})
+    host.assert_last_moments_exact()
+    host.step({"a": 302, "b": 202})
+    host.assert_last_moments_exact()
+    WORKER_STATE.forget(["a"])
+    host.step({"c": 150, "b": 203})
+    host.assert_last_moments_exact()
+    host.step({"c": 151, "b": 204})
+    host.assert_last_moments_exact()
