@@ -15,6 +15,7 @@ Everything that depends only on (block_table, seq_lens, cfg) -- identical for al
 decode step -- lives in a `DecodePlan`; build it once per step with `plan_decode` and pass it to
 every layer's `paged_decode(..., plan=plan)`, or let `paged_decode` build it.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,10 +72,13 @@ def plan_decode(
     n_sink = -(-cfg.t_sink // block_size)
     n_window = -(-cfg.t_local // block_size) + 1
     last = (seq_lens - 1) // block_size  # last logical block of each row
-    logical = torch.cat([
-        torch.arange(n_sink).expand(batch, n_sink),
-        last.unsqueeze(1) - torch.arange(n_window - 1, -1, -1),
-    ], dim=1)  # [B, S]
+    logical = torch.cat(
+        [
+            torch.arange(n_sink).expand(batch, n_sink),
+            last.unsqueeze(1) - torch.arange(n_window - 1, -1, -1),
+        ],
+        dim=1,
+    )  # [B, S]
     num_slots = logical.shape[1]
     # Slots outside [0, last] (short rows) read a clamped block and are fully masked below:
     # block_table entries past a row's last block may be garbage, so they are never looked up.
@@ -99,11 +103,18 @@ def plan_decode(
     head_tables = (table.unsqueeze(1) * num_kv_heads + heads.view(1, -1, 1)).flatten(0, 1)
     n_bulk = bulk_sizes(seq_lens, cfg)
     return DecodePlan(
-        batch=batch, block_size=block_size, num_kv_heads=num_kv_heads,
-        t_sink=cfg.t_sink, t_local=cfg.t_local, lengths=seq_lens.tolist(),
-        n_bulk=n_bulk, total_bulk=int(n_bulk.sum()),
-        local_rows=rows.flatten(), local_slots=num_slots,
-        local_invalid=~valid, local_valid_f=valid.float(),
+        batch=batch,
+        block_size=block_size,
+        num_kv_heads=num_kv_heads,
+        t_sink=cfg.t_sink,
+        t_local=cfg.t_local,
+        lengths=seq_lens.tolist(),
+        n_bulk=n_bulk,
+        total_bulk=int(n_bulk.sum()),
+        local_rows=rows.flatten(),
+        local_slots=num_slots,
+        local_invalid=~valid,
+        local_valid_f=valid.float(),
         local_count=valid.flatten(1).sum(-1).view(batch, 1, 1),
         head_tables=head_tables.int(),
         head_seq_lens=seq_lens.repeat_interleave(num_kv_heads).int(),
@@ -152,10 +163,14 @@ def paged_decode(
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if plan is None:
-        plan = plan_decode(block_table, seq_lens, cfg, block_size=block_size,
-                           num_kv_heads=num_kv_heads)
+        plan = plan_decode(block_table, seq_lens, cfg, block_size=block_size, num_kv_heads=num_kv_heads)
     elif (plan.batch, plan.block_size, plan.num_kv_heads, plan.t_sink, plan.t_local) != (
-            batch, block_size, num_kv_heads, cfg.t_sink, cfg.t_local):
+        batch,
+        block_size,
+        num_kv_heads,
+        cfg.t_sink,
+        cfg.t_local,
+    ):
         raise ValueError("plan does not match this call (batch, block size, KV heads or cfg)")
     if reads_everything(cfg, plan.total_bulk):  # vLLM's kernel as is: the stock output, exactly
         out = _stock_attention(query, key_cache, value_cache, block_table, seq_lens.int(), scale)
@@ -167,16 +182,24 @@ def paged_decode(
     q = query.float() * scale if query.dtype != torch.float32 else query * scale
     q = q.view(batch, num_kv_heads, group, head_dim)  # scores = q @ k
     local_out, local_lse, score_stats = _local_attention(
-        q, heads_view, plan, want_stats=cfg.policy == "qada" and cfg.stats == "local")
+        q, heads_view, plan, want_stats=cfg.policy == "qada" and cfg.stats == "local"
+    )
     bulk_lse = None
     if cfg.policy == "oracle":  # the exact bulk mass of every head: reads the whole cache
         bulk_lse = exact_lse(query, key_cache, block_table, plan.lengths, scale, cfg).bulk
     long_heads = decide_long_heads(
-        cfg, n_bulk=plan.n_bulk, query=query, scale=scale, num_kv_heads=num_kv_heads,
-        local_lse=local_lse.flatten(1), bulk_lse=bulk_lse,
-        moments=moments, calib=calib,
+        cfg,
+        n_bulk=plan.n_bulk,
+        query=query,
+        scale=scale,
+        num_kv_heads=num_kv_heads,
+        local_lse=local_lse.flatten(1),
+        bulk_lse=bulk_lse,
+        moments=moments,
+        calib=calib,
         local_score_stats=None if score_stats is None else tuple(s.flatten(1) for s in score_stats),
-        static_mask=static_mask, generator=generator,
+        static_mask=static_mask,
+        generator=generator,
     )
     long_groups = group_rule(long_heads, num_kv_heads)
 
@@ -185,8 +208,12 @@ def paged_decode(
     if pairs.numel():
         long_out = _stock_attention(
             query.reshape(batch * num_kv_heads, group, head_dim).index_select(0, pairs),
-            heads_view.key_cache, heads_view.value_cache, plan.head_tables.index_select(0, pairs),
-            plan.head_seq_lens.index_select(0, pairs), scale)
+            heads_view.key_cache,
+            heads_view.value_cache,
+            plan.head_tables.index_select(0, pairs),
+            plan.head_seq_lens.index_select(0, pairs),
+            scale,
+        )
         out.index_copy_(0, pairs, long_out)
     return DecodeResult(out.view(batch, num_heads, head_dim), long_heads, long_groups)
 
@@ -210,33 +237,63 @@ def _one_head_blocks(cache: Tensor) -> Tensor:
     head_stride = cache.stride(1)
     if cache.stride(0) != num_kv_heads * head_stride or cache.stride()[2:] != (head_dim, 1):
         raise ValueError(f"unexpected KV cache strides {cache.stride()} for shape {tuple(cache.shape)}")
-    return cache.as_strided((num_blocks * num_kv_heads, 1, block_size, head_dim),
-                            (head_stride, head_stride, head_dim, 1))
+    return cache.as_strided(
+        (num_blocks * num_kv_heads, 1, block_size, head_dim), (head_stride, head_stride, head_dim, 1)
+    )
 
 
-def _stock_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, tables: Tensor,
-                     seq_lens: Tensor, scale: float) -> Tensor:
+def _stock_attention(
+    query: Tensor, key_cache: Tensor, value_cache: Tensor, tables: Tensor, seq_lens: Tensor, scale: float
+) -> Tensor:
     """vLLM's CPU decode attention of N sequences, one query token each: query [N, H, D], caches
     [num_blocks, Hkv, bs, D], tables [N, n] and seq_lens [N] int32. Returns [N, H, D]."""
     num_seqs, num_heads, head_dim = query.shape
     query = query.contiguous()
     starts = torch.arange(num_seqs + 1, dtype=torch.int32)
     metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=num_seqs, num_heads=num_heads, num_kv_heads=key_cache.shape[1], head_dim=head_dim,
-        seq_lens=seq_lens, dtype=query.dtype, query_start_loc=starts, causal=True,
-        sliding_window_size=-1, isa="vec", enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-        dynamic_causal=None, kv_cache_dtype="auto")
+        num_reqs=num_seqs,
+        num_heads=num_heads,
+        num_kv_heads=key_cache.shape[1],
+        head_dim=head_dim,
+        seq_lens=seq_lens,
+        dtype=query.dtype,
+        query_start_loc=starts,
+        causal=True,
+        sliding_window_size=-1,
+        isa="vec",
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=None,
+        kv_cache_dtype="auto",
+    )
     out = torch.empty_like(query)
     ops.cpu_attention_with_kv_cache(
-        query=query, key_cache=key_cache, value_cache=value_cache, output=out,
-        query_start_loc=starts, seq_lens=seq_lens, scale=scale, causal=True, alibi_slopes=None,
-        sliding_window=-1, block_table=tables, softcap=0.0, scheduler_metadata=metadata,
-        s_aux=None, dynamic_causal=None, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+        query=query,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=out,
+        query_start_loc=starts,
+        seq_lens=seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=tables,
+        softcap=0.0,
+        scheduler_metadata=metadata,
+        s_aux=None,
+        dynamic_causal=None,
+        k_scale=1.0,
+        v_scale=1.0,
+        kv_cache_dtype="auto",
+    )
     return out
 
 
 def _local_attention(
-    q: Tensor, views: _HeadViews, plan: DecodePlan, want_stats: bool,
+    q: Tensor,
+    views: _HeadViews,
+    plan: DecodePlan,
+    want_stats: bool,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """Softmax of the scaled queries q [B, Hkv, G, D] over each row's local set: output
     [B, Hkv, G, D], lse [B, Hkv, G] and, if asked, the mean and population variance of the

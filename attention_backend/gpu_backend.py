@@ -16,6 +16,7 @@ sets VLLM_USE_V2_MODEL_RUNNER=0 (0.33 defaults to V2 on GPU). `observe` and `dec
 (evaluation) are CPU-only.
 qada/prompt keeps S2 for every live request: max_num_seqs * Hkv * D^2 * 4 bytes per layer.
 """
+
 from __future__ import annotations
 
 import re
@@ -87,8 +88,9 @@ class QadaTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         self._init_reorder_batch_threshold(1)
         self.max_num_seqs = vllm_config.scheduler_config.max_num_seqs
 
-    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
-              fast_build: bool = False) -> QadaTritonMetadata | TritonAttentionMetadata:
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ) -> QadaTritonMetadata | TritonAttentionMetadata:
         cm = common_attn_metadata
         if cm.causal is not True:
             return super().build(common_prefix_len, cm, fast_build)
@@ -96,11 +98,19 @@ class QadaTritonMetadataBuilder(TritonAttentionMetadataBuilder):
         prefill = None
         if num_prefills:
             sliced = _make_metadata_with_slice(
-                UBatchSlice(slice(num_decodes, cm.num_reqs), slice(num_decode_tokens, cm.num_actual_tokens)), cm)
+                UBatchSlice(slice(num_decodes, cm.num_reqs), slice(num_decode_tokens, cm.num_actual_tokens)),
+                cm,
+            )
             prefill = super().build(common_prefix_len, sliced, fast_build)
         req_ids = WORKER_STATE.request_ids(num_decodes) if num_decodes and WORKER_STATE.runner else []
-        meta = QadaTritonMetadata(num_decodes, num_decode_tokens, cm.seq_lens[:num_decodes],
-                                  cm.block_table_tensor[:num_decodes], req_ids, prefill)
+        meta = QadaTritonMetadata(
+            num_decodes,
+            num_decode_tokens,
+            cm.seq_lens[:num_decodes],
+            cm.block_table_tensor[:num_decodes],
+            req_ids,
+            prefill,
+        )
         cfg = WORKER_STATE.policy
         if num_decodes and cfg.policy == "qada" and cfg.stats == "prompt":
             if not req_ids:
@@ -116,22 +126,47 @@ class QadaTritonImpl(TritonAttentionImpl):
         super().__init__(*args, **kwargs)
         if not WORKER_STATE.settings:  # first layer of this process: apply the launch settings
             WORKER_STATE.configure(get_current_vllm_config().additional_config.get("qada") or {})
-        if self.kv_cache_dtype != "auto" or self.sliding_window not in (None, (-1, -1)) or \
-                self.alibi_slopes is not None or self.logits_soft_cap or self.sinks is not None:
+        if (
+            self.kv_cache_dtype != "auto"
+            or self.sliding_window not in (None, (-1, -1))
+            or self.alibi_slopes is not None
+            or self.logits_soft_cap
+            or self.sinks is not None
+        ):
             raise NotImplementedError("QAdA on GPU supports plain decoder attention with kv_cache_dtype=auto")
         self.layer_index: int | None = None
         self._moments: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._device_inputs: dict = {}  # name -> (host tensor, this layer's slice on the GPU)
 
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None) -> torch.Tensor:
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ) -> torch.Tensor:
         if not isinstance(attn_metadata, QadaTritonMetadata) or self.attn_type != AttentionType.DECODER:
-            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                                   output_scale, output_block_scale)
+            return super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, output_scale, output_block_scale
+            )
         meta, nd = attn_metadata, attn_metadata.num_decode_tokens
         if meta.prefill is not None:
-            super().forward(layer, query[nd:], key[nd:], value[nd:], kv_cache, meta.prefill, output[nd:],
-                            output_scale, output_block_scale)
+            super().forward(
+                layer,
+                query[nd:],
+                key[nd:],
+                value[nd:],
+                kv_cache,
+                meta.prefill,
+                output[nd:],
+                output_scale,
+                output_block_scale,
+            )
         if meta.num_decodes:
             result = self._decode(layer, query[:nd], kv_cache, meta)
             output[:nd].copy_(result.view_as(output[:nd]))
@@ -148,8 +183,12 @@ class QadaTritonImpl(TritonAttentionImpl):
         if cfg.policy == "qada" and cfg.stats == "prompt":
             kwargs = dict(moments=self._prompt_moments(key_cache, meta, cfg), moment_rows=meta.moment_rows)
         elif cfg.policy == "qada" and cfg.stats == "calib":
-            kwargs = dict(calib=(self._on_device("mu", state.calib[0], query.device),
-                                 self._on_device("sigma", state.calib[1], query.device)))
+            kwargs = dict(
+                calib=(
+                    self._on_device("mu", state.calib[0], query.device),
+                    self._on_device("sigma", state.calib[1], query.device),
+                )
+            )
         elif cfg.policy == "static":
             kwargs = dict(long_mask=self._on_device("static", state.static_heads, query.device))
         elif cfg.policy == "random":
@@ -157,9 +196,15 @@ class QadaTritonImpl(TritonAttentionImpl):
             kwargs = dict(long_mask=mask.to(query.device, non_blocking=True))
         result = qada_decode(query, key_cache, value_cache, table, seq_lens, self.scale, cfg, **kwargs)
         if state.runner is not None:  # the worker closes each step; without it, do not count
-            state.counters.record(layer_index, meta.decode_req_ids, result.long_heads, result.long_groups,
-                                  seq_lens, local_tokens=cfg.t_sink + cfg.t_local,
-                                  token_bytes=2 * self.head_size * kv_cache.element_size())
+            state.counters.record(
+                layer_index,
+                meta.decode_req_ids,
+                result.long_heads,
+                result.long_groups,
+                seq_lens,
+                local_tokens=cfg.t_sink + cfg.t_local,
+                token_bytes=2 * self.head_size * kv_cache.element_size(),
+            )
         return result.output
 
     def _prompt_moments(self, key_cache, meta: QadaTritonMetadata, cfg):
@@ -167,9 +212,11 @@ class QadaTritonImpl(TritonAttentionImpl):
         if self._moments is None:
             rows, heads, dim = MOMENT_ROWS.capacity, key_cache.shape[2], self.head_size
             dev = key_cache.device
-            self._moments = (torch.zeros(rows, dtype=torch.long, device=dev),
-                             torch.zeros(rows, heads, dim, device=dev),
-                             torch.zeros(rows, heads, dim, dim, device=dev))
+            self._moments = (
+                torch.zeros(rows, dtype=torch.long, device=dev),
+                torch.zeros(rows, heads, dim, device=dev),
+                torch.zeros(rows, heads, dim, dim, device=dev),
+            )
         n, s1, s2 = self._moments
         seq_lens, table, rows = meta.decode_seq_lens, meta.decode_block_table, meta.moment_rows
         advance_key_moments(n, s1, s2, key_cache, table, seq_lens, cfg.t_sink, cfg.t_local, rows=rows)

@@ -5,23 +5,36 @@ these to files that vLLM's API server aggregates into its `/metrics`. Names carr
 prefix `qada_` (never `vllm:`, which vLLM unregisters); labels stay low-cardinality (per layer at
 most, never per head or request).
 """
+
 from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
 HEAD_DECISIONS = Counter(
-    "qada_head_decisions", "Decode-time attention decisions: query heads (level=head) and KV "
+    "qada_head_decisions",
+    "Decode-time attention decisions: query heads (level=head) and KV "
     "groups (level=kv_group) that read the long context or only sinks + recent tokens",
-    ["decision", "level", "layer"])
+    ["decision", "level", "layer"],
+)
 LONG_CONTEXT_FRACTION = Histogram(
-    "qada_long_context_fraction", "Per decode step: share of KV groups (all layers and rows) "
-    "that read the long context", buckets=[i / 20 for i in range(21)])
+    "qada_long_context_fraction",
+    "Per decode step: share of KV groups (all layers and rows) that read the long context",
+    buckets=[i / 20 for i in range(21)],
+)
 KV_BYTES_READ = Counter(
-    "qada_kv_bytes_read", "KV-cache bytes the decisions required reading (long groups: the whole "
-    "context; local groups: sinks + recent tokens)", ["layer"])
+    "qada_kv_bytes_read",
+    "KV-cache bytes the decisions required reading (long groups: the whole "
+    "context; local groups: sinks + recent tokens)",
+    ["layer"],
+)
 KV_BYTES_SKIPPED = Counter(
-    "qada_kv_bytes_skipped", "KV-cache bytes that full attention would have read and the "
-    "decisions skipped", ["layer"])
+    "qada_kv_bytes_skipped",
+    "KV-cache bytes that full attention would have read and the decisions skipped",
+    ["layer"],
+)
 POLICY = Gauge(
-    "qada_policy_info", "The active attention policy (value 1; 0 for policies no longer active)",
-    ["policy", "stats", "tau", "t_sink", "t_local"], multiprocess_mode="mostrecent")
+    "qada_policy_info",
+    "The active attention policy (value 1; 0 for policies no longer active)",
+    ["policy", "stats", "tau", "t_sink", "t_local"],
+    multiprocess_mode="mostrecent",
+)

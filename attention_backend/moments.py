@@ -5,6 +5,7 @@ positions leave the local window and join the bulk; `MomentStore` keeps n, S1 = 
 S2 = sum k k^T of every running request and layer in pooled tensors and adds the keys that left
 the window with one batched update per layer, instead of rereading the cache.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,8 +54,9 @@ def range_moments(key_cache: Tensor, block_table_row: Tensor, start: int, end: i
     return keys_t.sum(-1), torch.bmm(keys_t, keys_t.transpose(1, 2))
 
 
-def fresh_moments(key_cache: Tensor, block_table: Tensor, seq_lens: list[int], t_sink: int,
-                  t_local: int) -> tuple[Tensor, Tensor, Tensor]:
+def fresh_moments(
+    key_cache: Tensor, block_table: Tensor, seq_lens: list[int], t_sink: int, t_local: int
+) -> tuple[Tensor, Tensor, Tensor]:
     """Moments of each row's bulk read from scratch: n [B] int64, S1 [B, Hkv, D], S2 [B, Hkv, D, D]."""
     _, num_kv_heads, _, head_dim = key_cache.shape
     batch = len(seq_lens)
@@ -94,8 +96,15 @@ class MomentStore:
     def __contains__(self, req_id: str) -> bool:
         return req_id in self.slot_of
 
-    def plan(self, req_ids: list[str], block_table: Tensor, seq_lens: list[int], t_sink: int,
-             t_local: int, block_size: int) -> MomentStep:
+    def plan(
+        self,
+        req_ids: list[str],
+        block_table: Tensor,
+        seq_lens: list[int],
+        t_sink: int,
+        t_local: int,
+        block_size: int,
+    ) -> MomentStep:
         """Give each row a slot and list the keys its moments still lack. Once per decode step:
         it records the new bulk ends, so every layer must then `read` the returned step."""
         slots, counts, resets, ranges = [], [], [], []
@@ -121,10 +130,14 @@ class MomentStore:
             slots.append(slot)
             counts.append(end - t_sink)
         return MomentStep(
-            slots=torch.tensor(slots, dtype=torch.long), n=torch.tensor(counts, dtype=torch.long),
-            resets=torch.tensor(resets, dtype=torch.long) if resets else None, ranges=ranges,
+            slots=torch.tensor(slots, dtype=torch.long),
+            n=torch.tensor(counts, dtype=torch.long),
+            resets=torch.tensor(resets, dtype=torch.long) if resets else None,
+            ranges=ranges,
             keys_at=tuple(torch.tensor(x, dtype=torch.long) for x in (blocks, offsets, key_slots))
-            if blocks else None)
+            if blocks
+            else None,
+        )
 
     def read(self, layer: int, key_cache: Tensor, step: MomentStep) -> tuple[Tensor, Tensor, Tensor]:
         """Apply `step` to this layer's moments; returns the rows' n [B], S1 [B, Hkv, D] and

@@ -5,6 +5,7 @@ The bulk of a row of length L is positions [t_sink, L - t_local). `build_key_mom
 once; `advance_key_moments` then adds, per decode step, the one key that left the window, with no
 Python loop over rows and no host sync (CUDA-graph safe).
 """
+
 from __future__ import annotations
 
 import torch
@@ -12,8 +13,13 @@ from torch import Tensor
 
 
 def build_key_moments(
-    key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, t_sink: int, t_local: int,
-    max_seq_len: int | None = None, chunk: int = 2048,
+    key_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    t_sink: int,
+    t_local: int,
+    max_seq_len: int | None = None,
+    chunk: int = 2048,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(n [B] int64, S1 [B, Hkv, D], S2 [B, Hkv, D, D]) fp32 over each row's bulk, read in
     position chunks of `chunk` tokens for all rows at once. `max_seq_len` bounds the chunk loop
@@ -34,8 +40,15 @@ def build_key_moments(
 
 
 def advance_key_moments(
-    n: Tensor, s1: Tensor, s2: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-    t_sink: int, t_local: int, rows: Tensor | None = None,
+    n: Tensor,
+    s1: Tensor,
+    s2: Tensor,
+    key_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    t_sink: int,
+    t_local: int,
+    rows: Tensor | None = None,
 ) -> None:
     """In place, for a decode step at lengths seq_lens [B]: the key at position L - 1 - t_local
     (it just left the window) joins the bulk of every row where that position is >= t_sink.

@@ -5,6 +5,7 @@ peaks.
 Reads every key of every row (the cost of full attention), so it runs only for the oracle policy
 or when the settings ask for it; the decode output itself is unchanged.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,14 @@ class Observation(NamedTuple):
     top1: Tensor  # [B, Hq] int64: position of the largest score (for retrieval scores)
 
 
-def exact_lse(query: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: list[int],
-              scale: float, cfg: PolicyConfig) -> ExactLse:
+def exact_lse(
+    query: Tensor,
+    key_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: list[int],
+    scale: float,
+    cfg: PolicyConfig,
+) -> ExactLse:
     """query [B, Hq, D]; key_cache in the CPU "vec" layout [num_blocks, Hkv, bs, D]."""
     batch, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[1]
@@ -49,7 +56,13 @@ def exact_lse(query: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: l
     return ExactLse(local_lse, bulk_lse, top1)
 
 
-def observe_decode(query: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: list[int],
-                   scale: float, cfg: PolicyConfig) -> Observation:
+def observe_decode(
+    query: Tensor,
+    key_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: list[int],
+    scale: float,
+    cfg: PolicyConfig,
+) -> Observation:
     lse = exact_lse(query, key_cache, block_table, seq_lens, scale, cfg)
     return Observation(lse.bulk - lse.local > cfg.logit_tau, lse.top1)

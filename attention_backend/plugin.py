@@ -3,6 +3,7 @@
 It registers the QAdA backend only when QAdA was asked for (`QADA_ENABLE=1`, set by
 `qada serve` when the config enables it), so other users of the environment keep stock vLLM.
 """
+
 from __future__ import annotations
 
 import os

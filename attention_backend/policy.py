@@ -4,6 +4,7 @@ A head is "long" when the bulk of its context (positions outside the sinks and t
 window) may carry more than a share `tau` of its softmax mass. All functions here work on small
 per-head tensors; reading the KV cache is the kernel's job.
 """
+
 from __future__ import annotations
 
 import math
@@ -158,8 +159,14 @@ def decide_long_heads(
             _require(bulk_lse, "bulk_lse", policy)
         else:
             bulk_lse = estimated_bulk_lse(
-                cfg, n_bulk=n_bulk, query=query, scale=scale, num_kv_heads=num_kv_heads,
-                moments=moments, calib=calib, local_score_stats=local_score_stats,
+                cfg,
+                n_bulk=n_bulk,
+                query=query,
+                scale=scale,
+                num_kv_heads=num_kv_heads,
+                moments=moments,
+                calib=calib,
+                local_score_stats=local_score_stats,
             )
         long = bulk_lse - local_lse > cfg.logit_tau
     if cfg.min_bulk and int(n_bulk.sum()) < cfg.min_bulk:

@@ -1,5 +1,6 @@
 """Worker-process state shared by the attention layers: per-request key moments and decision
 counters. One instance per worker process (`WORKER_STATE`)."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,15 @@ class RequestDecisions:
     missed_long_groups: int = 0
     extra_long_groups: int = 0
 
-    def add(self, layers: int, num_heads: int, num_kv_heads: int, long_heads: Tensor,
-            long_groups: Tensor, oracle: tuple[Tensor, Tensor] | None) -> None:
+    def add(
+        self,
+        layers: int,
+        num_heads: int,
+        num_kv_heads: int,
+        long_heads: Tensor,
+        long_groups: Tensor,
+        oracle: tuple[Tensor, Tensor] | None,
+    ) -> None:
         """One decode step; long_heads [layers, Hq] and long_groups [layers, Hkv] are bool, and so
         is `oracle`'s (heads, groups) pair."""
         self.decode_steps += 1
@@ -55,16 +63,24 @@ class RequestDecisions:
             setattr(self, key, getattr(self, key) + value)
 
     def as_dict(self) -> dict:
-        out = {"decode_steps": self.decode_steps,
-               "head_decisions": {"long": self.long_heads, "local": self.heads - self.long_heads},
-               "kv_group_decisions": {"long": self.long_groups, "local": self.groups - self.long_groups}}
+        out = {
+            "decode_steps": self.decode_steps,
+            "head_decisions": {"long": self.long_heads, "local": self.heads - self.long_heads},
+            "kv_group_decisions": {"long": self.long_groups, "local": self.groups - self.long_groups},
+        }
         if self.observed_steps:
             out["oracle"] = {
                 "decode_steps": self.observed_steps,
-                "head_decisions": {"long": self.oracle_long_heads, "missed": self.missed_long_heads,
-                                   "extra": self.extra_long_heads},
-                "kv_group_decisions": {"long": self.oracle_long_groups, "missed": self.missed_long_groups,
-                                       "extra": self.extra_long_groups},
+                "head_decisions": {
+                    "long": self.oracle_long_heads,
+                    "missed": self.missed_long_heads,
+                    "extra": self.extra_long_heads,
+                },
+                "kv_group_decisions": {
+                    "long": self.oracle_long_groups,
+                    "missed": self.missed_long_groups,
+                    "extra": self.extra_long_groups,
+                },
             }
         return out
 
@@ -97,9 +113,17 @@ class DecisionCounters:
     max_traces: int = 16  # the most recent requests keep a per-token trace
     max_trace_steps: int = 2048
 
-    def record(self, layer: int, req_ids: list[str], long_heads: Tensor, long_groups: Tensor,
-               seq_lens: Tensor, local_tokens: int, token_bytes: int,
-               observation: Observation | None = None) -> None:
+    def record(
+        self,
+        layer: int,
+        req_ids: list[str],
+        long_heads: Tensor,
+        long_groups: Tensor,
+        seq_lens: Tensor,
+        local_tokens: int,
+        token_bytes: int,
+        observation: Observation | None = None,
+    ) -> None:
         """One layer's decisions for the decode rows of a step; `token_bytes` is the K+V size of
         one token of one KV head. Counted at `end_step`, for all layers at once."""
         self.step_req_ids, self.step_bytes = req_ids, (seq_lens, local_tokens, token_bytes)
@@ -121,19 +145,32 @@ class DecisionCounters:
         self._count_layers(heads, groups)
         observed = len(self.step_oracle) == layers
         oracle = torch.stack(self.step_oracle, dim=1) if observed else None
-        oracle_groups = (group_rule(oracle.flatten(0, 1), self.num_kv_heads).view(rows, layers, -1)
-                         if observed else None)
+        oracle_groups = (
+            group_rule(oracle.flatten(0, 1), self.num_kv_heads).view(rows, layers, -1) if observed else None
+        )
         top1 = torch.stack(self.step_top1, dim=1) if observed else None
         if observed:
             for i, layer in enumerate(self.step_layers):
-                counts = torch.stack([torch.full((self.num_heads,), rows), oracle[:, i].sum(0),
-                                      heads[:, i].sum(0), (oracle[:, i] & heads[:, i]).sum(0)])
+                counts = torch.stack(
+                    [
+                        torch.full((self.num_heads,), rows),
+                        oracle[:, i].sum(0),
+                        heads[:, i].sum(0),
+                        (oracle[:, i] & heads[:, i]).sum(0),
+                    ]
+                )
                 self.observed[layer] = self.observed.get(layer, torch.zeros_like(counts)) + counts
         metrics.LONG_CONTEXT_FRACTION.observe(int(groups.sum()) / groups.numel())
         for row, req_id in enumerate(self.step_req_ids):
             entry = self.per_request.pop(req_id, None) or RequestDecisions()
-            entry.add(layers, self.num_heads, self.num_kv_heads, heads[row], groups[row],
-                      (oracle[row], oracle_groups[row]) if observed else None)
+            entry.add(
+                layers,
+                self.num_heads,
+                self.num_kv_heads,
+                heads[row],
+                groups[row],
+                (oracle[row], oracle_groups[row]) if observed else None,
+            )
             self.per_request[req_id] = entry  # most recently used last
             trace = self.traces.pop(req_id, [])
             if len(trace) < self.max_trace_steps:
@@ -155,8 +192,9 @@ class DecisionCounters:
         lengths = seq_lens.long().cpu().view(-1, 1, 1)
         tokens_read = torch.where(groups, lengths, lengths.clamp(max=local_tokens)).sum((0, 2))
         tokens_all = int(lengths.sum()) * self.num_kv_heads
-        for layer, n_heads, n_groups, read in zip(self.step_layers, heads.sum((0, 2)).tolist(),
-                                                  groups.sum((0, 2)).tolist(), tokens_read.tolist()):
+        for layer, n_heads, n_groups, read in zip(
+            self.step_layers, heads.sum((0, 2)).tolist(), groups.sum((0, 2)).tolist(), tokens_read.tolist()
+        ):
             read, skipped = read * token_bytes, (tokens_all - read) * token_bytes
             self.rows[layer] += rows
             self.long_heads[layer] += n_heads
@@ -164,8 +202,10 @@ class DecisionCounters:
             self.kv_bytes_read[layer] += read
             self.kv_bytes_skipped[layer] += skipped
             label = str(layer)
-            for level, long, total in (("head", n_heads, rows * self.num_heads),
-                                       ("kv_group", n_groups, rows * self.num_kv_heads)):
+            for level, long, total in (
+                ("head", n_heads, rows * self.num_heads),
+                ("kv_group", n_groups, rows * self.num_kv_heads),
+            ):
                 metrics.HEAD_DECISIONS.labels("long", level, label).inc(long)
                 metrics.HEAD_DECISIONS.labels("local", level, label).inc(total - long)
             metrics.KV_BYTES_READ.labels(label).inc(read)
@@ -179,8 +219,12 @@ class DecisionCounters:
         if req_id is None:
             return None
         steps = self.traces[req_id]
-        out = {"request_id": req_id, "num_layers": steps[0]["long"].shape[0] if steps else 0,
-               "num_heads": self.num_heads, "long": [step["long"].int().tolist() for step in steps]}
+        out = {
+            "request_id": req_id,
+            "num_layers": steps[0]["long"].shape[0] if steps else 0,
+            "num_heads": self.num_heads,
+            "long": [step["long"].int().tolist() for step in steps],
+        }
         if steps and "oracle" in steps[0]:
             out["oracle"] = [step["oracle"].int().tolist() for step in steps]
             out["top1"] = [step["top1"].tolist() for step in steps]
@@ -200,10 +244,13 @@ class DecisionCounters:
             "num_heads": self.num_heads,
             "num_kv_heads": self.num_kv_heads,
             "layers": {
-                layer: {"rows": self.rows[layer], "long_heads": self.long_heads[layer],
-                        "long_groups": self.long_groups[layer],
-                        "kv_bytes_read": self.kv_bytes_read[layer],
-                        "kv_bytes_skipped": self.kv_bytes_skipped[layer]}
+                layer: {
+                    "rows": self.rows[layer],
+                    "long_heads": self.long_heads[layer],
+                    "long_groups": self.long_groups[layer],
+                    "kv_bytes_read": self.kv_bytes_read[layer],
+                    "kv_bytes_skipped": self.kv_bytes_skipped[layer],
+                }
                 for layer in sorted(self.rows)
             },
         }
@@ -238,7 +285,11 @@ class WorkerState:
         """Validate and apply QAdA settings (the `attention` config section); returns them."""
         policy = PolicyConfig(**{k: settings[k] for k in POLICY_KEYS if k in settings})
         static_heads = _load_static_heads(settings.get("static_heads")) if policy.policy == "static" else None
-        calib = _load_calib(settings.get("calib")) if policy.policy == "qada" and policy.stats == "calib" else None
+        calib = (
+            _load_calib(settings.get("calib"))
+            if policy.policy == "qada" and policy.stats == "calib"
+            else None
+        )
         if policy.policy == "static" and static_heads is None:
             raise ValueError("policy 'static' needs static_heads: a JSON file of long heads")
         if policy.policy == "qada" and policy.stats == "calib" and calib is None:

@@ -1,6 +1,7 @@
 """Plain PyTorch reference for `triton_kernel.qada_decode`, over the same Triton paged layout
 (key_cache / value_cache [num_blocks, block_size, Hkv, D]). Gathers each row's keys, decides with
 `policy.decide_long_heads` / `group_rule`, and attends in fp32 on CPU. For tests, not speed."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -30,8 +31,17 @@ def local_mask(seq_len: int, t_sink: int, t_local: int) -> Tensor:
 
 
 def reference_decode(
-    query: Tensor, key_cache: Tensor, value_cache: Tensor, block_table: Tensor, seq_lens: Tensor,
-    scale: float, cfg: PolicyConfig, *, moments=None, calib=None, static_mask: Tensor | None = None,
+    query: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    scale: float,
+    cfg: PolicyConfig,
+    *,
+    moments=None,
+    calib=None,
+    static_mask: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> ReferenceResult:
     batch, num_heads, head_dim = query.shape
@@ -53,19 +63,27 @@ def reference_decode(
         out_full.append(torch.einsum("hl,lhd->hd", scores.softmax(-1), v))
     local_lse, bulk_lse = torch.stack(local_lse), torch.stack(bulk_lse)
     n_bulk = (seq_lens.long().cpu() - cfg.t_sink - cfg.t_local).clamp(min=0)
-    stats = dict(moments=_cpu(moments), calib=_cpu(calib),
-                 local_score_stats=(torch.stack(mean), torch.stack(var)))
+    stats = dict(
+        moments=_cpu(moments), calib=_cpu(calib), local_score_stats=(torch.stack(mean), torch.stack(var))
+    )
     long_heads = decide_long_heads(
-        cfg, local_lse=local_lse, bulk_lse=bulk_lse, n_bulk=n_bulk, query=q, scale=scale,
-        num_kv_heads=num_kv_heads, static_mask=None if static_mask is None else static_mask.cpu(),
-        generator=generator, **stats)
+        cfg,
+        local_lse=local_lse,
+        bulk_lse=bulk_lse,
+        n_bulk=n_bulk,
+        query=q,
+        scale=scale,
+        num_kv_heads=num_kv_heads,
+        static_mask=None if static_mask is None else static_mask.cpu(),
+        generator=generator,
+        **stats,
+    )
     long_groups = group_rule(long_heads, num_kv_heads)
     log_ratio = None
     if cfg.policy == "oracle":
         log_ratio = bulk_lse - local_lse
     elif cfg.policy == "qada":
-        est = estimated_bulk_lse(cfg, n_bulk=n_bulk, query=q, scale=scale,
-                                 num_kv_heads=num_kv_heads, **stats)
+        est = estimated_bulk_lse(cfg, n_bulk=n_bulk, query=q, scale=scale, num_kv_heads=num_kv_heads, **stats)
         log_ratio = est - local_lse
     use_full = long_groups.repeat_interleave(group, 1).unsqueeze(-1)
     output = torch.where(use_full, torch.stack(out_full), torch.stack(out_local))

@@ -1,5 +1,6 @@
 """Worker classes for QAdA: give the attention layers the batch's request ids, free per-request
 state when requests finish or are preempted, and answer the server's RPCs (collective_rpc)."""
+
 from __future__ import annotations
 
 from vllm.v1.worker.cpu_worker import CPUWorker

@@ -8,6 +8,7 @@ Grafana itself cannot be installed here), and `qada heatmap` into docs/img/heatm
 
     python benchmarks/dashboard_snapshot.py [--seconds-per-policy 60]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,12 @@ from serving.heatmap import fetch_decisions, plot, run_prompt  # noqa: E402
 from serving.longcontext import haystack_text, passkey_prompt  # noqa: E402
 from serving.models import prepare_model  # noqa: E402
 
-POLICIES = [{"policy": "full"}, {"policy": "qada", "tau": 0.8}, {"policy": "qada", "tau": 0.95},
-            {"policy": "oracle", "tau": 0.8}]
+POLICIES = [
+    {"policy": "full"},
+    {"policy": "qada", "tau": 0.8},
+    {"policy": "qada", "tau": 0.95},
+    {"policy": "oracle", "tau": 0.8},
+]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
@@ -49,8 +54,9 @@ async def traffic(url: str, prompts: list[str], seconds: float) -> None:
 
     async def worker(prompt: str) -> None:
         while time.monotonic() < deadline:
-            await client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=24,
-                                            extra_body={"ignore_eos": True})
+            await client.completions.create(
+                model=SERVED_NAME, prompt=prompt, max_tokens=24, extra_body={"ignore_eos": True}
+            )
 
     await asyncio.gather(*(worker(p) for p in prompts))
 
@@ -67,8 +73,10 @@ def render(prometheus: str, start: float, end: float, out: Path) -> Path:
     for ax, panel in zip(axes.flat, panels):
         for target in panel["targets"]:
             query = target["expr"].replace("$__rate_interval", "30s")
-            reply = httpx.get(prometheus + "/api/v1/query_range",
-                              params={"query": query, "start": start, "end": end, "step": 5}).json()
+            reply = httpx.get(
+                prometheus + "/api/v1/query_range",
+                params={"query": query, "start": start, "end": end, "step": 5},
+            ).json()
             for series in reply["data"]["result"]:
                 legend = target["legendFormat"]
                 for key, value in series["metric"].items():
@@ -82,11 +90,14 @@ def render(prometheus: str, start: float, end: float, out: Path) -> Path:
         handles = ax.get_legend_handles_labels()[0]
         if 0 < len(handles) <= 8:
             ax.legend(fontsize=6)
-    for ax in axes.flat[len(panels):]:
+    for ax in axes.flat[len(panels) :]:
         ax.axis("off")
-    fig.suptitle("QAdA dashboard queries, rendered from a real Prometheus (policies switched: "
-                 + ", ".join(f"{p['policy']}{' τ=' + str(p['tau']) if 'tau' in p else ''}" for p in POLICIES)
-                 + ")", fontsize=10)
+    fig.suptitle(
+        "QAdA dashboard queries, rendered from a real Prometheus (policies switched: "
+        + ", ".join(f"{p['policy']}{' τ=' + str(p['tau']) if 'tau' in p else ''}" for p in POLICIES)
+        + ")",
+        fontsize=10,
+    )
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=90)
@@ -94,7 +105,9 @@ def render(prometheus: str, start: float, end: float, out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds-per-policy", type=float, default=60)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img")
     args = parser.parse_args()
@@ -120,12 +133,20 @@ def main() -> None:
             print(render(prometheus.url, start, time.time(), args.out / "dashboard.png"))
         finally:
             prometheus.stop()
-        httpx.put(server.url + "/v1/qada/policy", json={"policy": "qada", "tau": 0.8},
-                  headers=AUTH).raise_for_status()
-        request_id, tokens = run_prompt(server.url, API_KEY, SERVED_NAME,
-                                        passkey_prompt(tokenizer, 3000, 0.5, "71432", text), 24)
-        print(plot(fetch_decisions(server.url, request_id, API_KEY), args.out / "heatmap.png", tokens,
-                   "passkey prompt (3k tokens), qada τ=0.8: long-context heads (black) per token"))
+        httpx.put(
+            server.url + "/v1/qada/policy", json={"policy": "qada", "tau": 0.8}, headers=AUTH
+        ).raise_for_status()
+        request_id, tokens = run_prompt(
+            server.url, API_KEY, SERVED_NAME, passkey_prompt(tokenizer, 3000, 0.5, "71432", text), 24
+        )
+        print(
+            plot(
+                fetch_decisions(server.url, request_id, API_KEY),
+                args.out / "heatmap.png",
+                tokens,
+                "passkey prompt (3k tokens), qada τ=0.8: long-context heads (black) per token",
+            )
+        )
     finally:
         server.stop()
 

@@ -11,6 +11,7 @@ throughput = batch * N / (t(N+1) - t(1)), so prefill and HTTP overhead cancel ou
 
 Writes results/decode_speed-<dtype>.json and prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,9 +39,18 @@ PASSKEY = "68217"
 async def timed_batch(url: str, prompts: list[str], max_tokens: int) -> tuple[float, list[str]]:
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, timeout=3600)
     start = time.perf_counter()
-    replies = await asyncio.gather(*(
-        client.completions.create(model=SERVED_NAME, prompt=p, max_tokens=max_tokens, temperature=0,
-                                  extra_body={"ignore_eos": True}) for p in prompts))
+    replies = await asyncio.gather(
+        *(
+            client.completions.create(
+                model=SERVED_NAME,
+                prompt=p,
+                max_tokens=max_tokens,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            for p in prompts
+        )
+    )
     return time.perf_counter() - start, [r.choices[0].text for r in replies]
 
 
@@ -67,23 +77,36 @@ def measure(server, prompts_by_context, batches, new_tokens, repeats) -> list[di
                 if after:
                     d = {k: after[k] - before[k] for k in after}
                     local = d["local"] / max(1, d["local"] + d["long"])
-            rows.append({"context": context, "batch": batch, "decode_tok_s": round(best, 2),
-                         "passkey_answered": PASSKEY in answer[:16], "kv_group_local_fraction":
-                         None if local is None else round(local, 3)})
+            rows.append(
+                {
+                    "context": context,
+                    "batch": batch,
+                    "decode_tok_s": round(best, 2),
+                    "passkey_answered": PASSKEY in answer[:16],
+                    "kv_group_local_fraction": None if local is None else round(local, 3),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--contexts", type=int, nargs="+", default=[2000, 4000, 7000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--policy", default="qada")
-    parser.add_argument("--taus", type=float, nargs="+", default=[None],
-                        help="QAdA thresholds, measured one after another on the same server")
+    parser.add_argument(
+        "--taus",
+        type=float,
+        nargs="+",
+        default=[None],
+        help="QAdA thresholds, measured one after another on the same server",
+    )
     parser.add_argument("--min-bulk", type=int, default=None, help="default: the config's")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -95,18 +118,32 @@ def main() -> None:
     text = haystack_text()
     words = len(text) // max(args.batches)
     prompts_by_context = {
-        context: [passkey_prompt(tokenizer, context, 0.3, PASSKEY, text)] + [
-            passkey_prompt(tokenizer, context, 0.5, "1" + PASSKEY[1:], text[i * words:] + text[: i * words])
-            for i in range(1, max(args.batches))]
+        context: [passkey_prompt(tokenizer, context, 0.3, PASSKEY, text)]
+        + [
+            passkey_prompt(tokenizer, context, 0.5, "1" + PASSKEY[1:], text[i * words :] + text[: i * words])
+            for i in range(1, max(args.batches))
+        ]
         for context in args.contexts
     }
-    kv_gib = max(4, round(sum(args.contexts) * max(args.batches) * 46_080 * (1 if args.dtype == "float32" else 0.5) / 2**30) + 1)
+    kv_gib = max(
+        4,
+        round(
+            sum(args.contexts) * max(args.batches) * 46_080 * (1 if args.dtype == "float32" else 0.5) / 2**30
+        )
+        + 1,
+    )
     common = ["--set", f"engine.dtype={args.dtype}", "--set", f"engine.kv_cache_space_gib={kv_gib}"]
     qada = ["--config", "configs/smollm2-cpu-qada.yaml", "--policy", args.policy]
     if args.min_bulk is not None:
         qada += ["--set", f"attention.min_bulk={args.min_bulk}"]
-    results = {"machine": platform.processor() or platform.machine(), "dtype": args.dtype,
-               "new_tokens": args.new_tokens, "policy": args.policy, "command": sys.argv[1:], "runs": {}}
+    results = {
+        "machine": platform.processor() or platform.machine(),
+        "dtype": args.dtype,
+        "new_tokens": args.new_tokens,
+        "policy": args.policy,
+        "command": sys.argv[1:],
+        "runs": {},
+    }
     log_dir = REPO / "results"
     log_dir.mkdir(exist_ok=True)
     for name, server_args in (("stock", ["--config", "configs/smollm2-cpu.yaml"]), ("qada", qada)):
@@ -114,13 +151,17 @@ def main() -> None:
         try:
             server.wait_ready()
             if name == "stock":
-                results["runs"][name] = measure(server, prompts_by_context, args.batches, args.new_tokens, args.repeats)
+                results["runs"][name] = measure(
+                    server, prompts_by_context, args.batches, args.new_tokens, args.repeats
+                )
                 continue
             for tau in args.taus:
                 settings = set_tau(server, tau)
                 label = f"qada tau={settings['tau']:g} min_bulk={settings['min_bulk']}"
                 print(f"# {label}", flush=True)
-                results["runs"][label] = measure(server, prompts_by_context, args.batches, args.new_tokens, args.repeats)
+                results["runs"][label] = measure(
+                    server, prompts_by_context, args.batches, args.new_tokens, args.repeats
+                )
         finally:
             server.stop()
     out = args.out or log_dir / f"decode_speed-{args.dtype}.json"
@@ -134,22 +175,29 @@ def set_tau(server, tau: float | None) -> dict:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     settings = httpx.get(server.url + "/v1/qada/policy", headers=headers).json()
     if tau is not None:
-        settings = httpx.put(server.url + "/v1/qada/policy", headers=headers,
-                             json={**settings, "tau": tau}).raise_for_status().json()
+        settings = (
+            httpx.put(server.url + "/v1/qada/policy", headers=headers, json={**settings, "tau": tau})
+            .raise_for_status()
+            .json()
+        )
     return settings
 
 
 def print_table(runs: dict) -> None:
     stock = runs["stock"]
-    print("\n| context | batch | stock tok/s | policy | qada tok/s | speedup | qada KV-group local | passkey (stock/qada) |")
+    print(
+        "\n| context | batch | stock tok/s | policy | qada tok/s | speedup | qada KV-group local | passkey (stock/qada) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for label, rows in runs.items():
         if label == "stock":
             continue
         for s, q in zip(stock, rows):
-            print(f"| {s['context']} | {s['batch']} | {s['decode_tok_s']:.1f} | {label[5:]} | {q['decode_tok_s']:.1f} | "
-                  f"{q['decode_tok_s'] / s['decode_tok_s']:.2f}x | {q['kv_group_local_fraction']} | "
-                  f"{'yes' if s['passkey_answered'] else 'no'}/{'yes' if q['passkey_answered'] else 'no'} |")
+            print(
+                f"| {s['context']} | {s['batch']} | {s['decode_tok_s']:.1f} | {label[5:]} | {q['decode_tok_s']:.1f} | "
+                f"{q['decode_tok_s'] / s['decode_tok_s']:.2f}x | {q['kv_group_local_fraction']} | "
+                f"{'yes' if s['passkey_answered'] else 'no'}/{'yes' if q['passkey_answered'] else 'no'} |"
+            )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ built once per step (as the backend shares it across layers); "plan" is the cost
 Note: the machine's L3 may hold the whole test cache, so these are warm-cache numbers.
 Writes results/kernel_profile.json and prints a Markdown table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,18 +70,44 @@ def stock_fn(case, dtype):
     seq = case.seq_lens.int()
     qsl = torch.arange(batch + 1, dtype=torch.int32)
     sm = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=batch, num_heads=HQ, num_kv_heads=HKV, head_dim=D, seq_lens=seq, dtype=dtype,
-        query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec", enable_kv_split=False,
-        dynamic_causal=None, kv_cache_dtype="auto")
+        num_reqs=batch,
+        num_heads=HQ,
+        num_kv_heads=HKV,
+        head_dim=D,
+        seq_lens=seq,
+        dtype=dtype,
+        query_start_loc=qsl,
+        causal=True,
+        sliding_window_size=-1,
+        isa="vec",
+        enable_kv_split=False,
+        dynamic_causal=None,
+        kv_cache_dtype="auto",
+    )
     table = case.block_table.clamp(max=case.kv.shape[0] - 1)
     out = torch.empty_like(case.query)
 
     def run():
         ops.cpu_attention_with_kv_cache(
-            query=case.query, key_cache=case.key_cache, value_cache=case.value_cache, output=out,
-            query_start_loc=qsl, seq_lens=seq, scale=case.scale, causal=True, alibi_slopes=None,
-            sliding_window=-1, block_table=table, softcap=0, scheduler_metadata=sm, s_aux=None,
-            dynamic_causal=None, k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
+            query=case.query,
+            key_cache=case.key_cache,
+            value_cache=case.value_cache,
+            output=out,
+            query_start_loc=qsl,
+            seq_lens=seq,
+            scale=case.scale,
+            causal=True,
+            alibi_slopes=None,
+            sliding_window=-1,
+            block_table=table,
+            softcap=0,
+            scheduler_metadata=sm,
+            s_aux=None,
+            dynamic_causal=None,
+            k_scale=1.0,
+            v_scale=1.0,
+            kv_cache_dtype="auto",
+        )
         return out
 
     return run
@@ -93,31 +120,48 @@ def variants(case, kernels):
     heads = torch.arange(HQ)
     policies = {
         "local": (PolicyConfig(policy="local", t_sink=T_SINK, t_local=T_LOCAL), {}),
-        "static 1/3": (PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL),
-                       {"static_mask": heads < group}),
-        "static 2/3": (PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL),
-                       {"static_mask": heads < 2 * group}),
+        "static 1/3": (
+            PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL),
+            {"static_mask": heads < group},
+        ),
+        "static 2/3": (
+            PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL),
+            {"static_mask": heads < 2 * group},
+        ),
         "full": (PolicyConfig(policy="full", t_sink=T_SINK, t_local=T_LOCAL), {}),
-        "qada": (PolicyConfig(policy="qada", stats="prompt", t_sink=T_SINK, t_local=T_LOCAL),
-                 {"moments": moments}),
+        "qada": (
+            PolicyConfig(policy="qada", stats="prompt", t_sink=T_SINK, t_local=T_LOCAL),
+            {"moments": moments},
+        ),
     }
     out = {}
     for tag, kernel in kernels.items():
         for name, (cfg, kwargs) in policies.items():
             call_kwargs = dict(kwargs)
             if tag == "new":
-                call_kwargs["plan"] = plan_decode(case.block_table, case.seq_lens, cfg,
-                                                  block_size=BLOCK, num_kv_heads=HKV)
+                call_kwargs["plan"] = plan_decode(
+                    case.block_table, case.seq_lens, cfg, block_size=BLOCK, num_kv_heads=HKV
+                )
 
             def run(cfg=cfg, call_kwargs=call_kwargs, kernel=kernel):
-                return kernel(case.query, case.key_cache, case.value_cache, case.block_table,
-                              case.seq_lens, case.scale, cfg, **call_kwargs)
+                return kernel(
+                    case.query,
+                    case.key_cache,
+                    case.value_cache,
+                    case.block_table,
+                    case.seq_lens,
+                    case.scale,
+                    cfg,
+                    **call_kwargs,
+                )
 
             share = run().long_groups.float().mean().item()
             out[name if tag == "new" else f"{name} [{tag}]"] = (run, share)
     cfg = policies["local"][0]
-    out["plan"] = (lambda: plan_decode(case.block_table, case.seq_lens, cfg, block_size=BLOCK,
-                                       num_kv_heads=HKV), None)
+    out["plan"] = (
+        lambda: plan_decode(case.block_table, case.seq_lens, cfg, block_size=BLOCK, num_kv_heads=HKV),
+        None,
+    )
     return out
 
 
@@ -167,23 +211,46 @@ def main() -> None:
                     fns = {"stock": (stock_fn(case, dtype), None), **variants(case, kernels)}
                     ms = time_interleaved({k: v[0] for k, v in fns.items()}, args.reps)
                     for name, (_, share) in fns.items():
-                        rows.append(dict(threads=threads, dtype=dtype_name, batch=batch,
-                                         seq_len=length, layout=layout, variant=name,
-                                         long_group_share=share, ms=ms[name],
-                                         speedup_vs_stock=ms["stock"] / ms[name]))
-                    print(f"# done threads={threads} {dtype_name} B={batch} L={length} {layout}",
-                          file=sys.stderr, flush=True)
+                        rows.append(
+                            dict(
+                                threads=threads,
+                                dtype=dtype_name,
+                                batch=batch,
+                                seq_len=length,
+                                layout=layout,
+                                variant=name,
+                                long_group_share=share,
+                                ms=ms[name],
+                                speedup_vs_stock=ms["stock"] / ms[name],
+                            )
+                        )
+                    print(
+                        f"# done threads={threads} {dtype_name} B={batch} L={length} {layout}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
     print("| threads | dtype | B | L | layout | variant | long groups | ms | x stock |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         share = "" if r["long_group_share"] is None else f"{r['long_group_share']:.2f}"
-        print(f"| {r['threads']} | {r['dtype']} | {r['batch']} | {r['seq_len']} | {r['layout']} | "
-              f"{r['variant']} | {share} | {r['ms']:.3f} | {r['speedup_vs_stock']:.2f} |")
+        print(
+            f"| {r['threads']} | {r['dtype']} | {r['batch']} | {r['seq_len']} | {r['layout']} | "
+            f"{r['variant']} | {share} | {r['ms']:.3f} | {r['speedup_vs_stock']:.2f} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(machine=platform.processor() or platform.machine(),
-                                   torch=torch.__version__, reps=args.reps, rows=rows), indent=1))
+    out.write_text(
+        json.dumps(
+            dict(
+                machine=platform.processor() or platform.machine(),
+                torch=torch.__version__,
+                reps=args.reps,
+                rows=rows,
+            ),
+            indent=1,
+        )
+    )
     print(f"\nwrote {out}", file=sys.stderr)
 
 

@@ -23,6 +23,7 @@ reference runs first. Needs only torch + Triton (no vLLM):
 
 Writes results.json, results.csv and speedup.png into --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -94,9 +95,19 @@ def check(dev: str, args, vllm_kernel):
         cfg = PolicyConfig(policy=policy, t_sink=args.t_sink, t_local=args.t_local)
         got = qada_decode(q, k, v, table, seq_lens, D**-0.5, cfg, long_mask=mask, tile=args.tile)
         # the reference's random draw differs; give it the same decisions as a per-row static mask
-        want = [reference_decode(q[b : b + 1], k, v, table[b : b + 1], seq_lens[b : b + 1], D**-0.5,
-                                 PolicyConfig(policy="static", t_sink=args.t_sink, t_local=args.t_local),
-                                 static_mask=got.long_heads[b].cpu()).output for b in range(2)]
+        want = [
+            reference_decode(
+                q[b : b + 1],
+                k,
+                v,
+                table[b : b + 1],
+                seq_lens[b : b + 1],
+                D**-0.5,
+                PolicyConfig(policy="static", t_sink=args.t_sink, t_local=args.t_local),
+                static_mask=got.long_heads[b].cpu(),
+            ).output
+            for b in range(2)
+        ]
         err = (got.output.float().cpu() - torch.cat(want)).abs().max().item()
         print(f"check {policy}: max |kernel - reference| = {err:.2e}")
         if not err < 2e-2:
@@ -106,7 +117,8 @@ def check(dev: str, args, vllm_kernel):
     full = reference_decode(q, k, v, table, seq_lens, D**-0.5, PolicyConfig(policy="full")).output
     try:
         got = UnifiedDecode(vllm_kernel, 2, HQ, HKV, D, torch.device(dev))(
-            q, k, v, table, seq_lens, 1000, D**-0.5, torch.empty_like(q))
+            q, k, v, table, seq_lens, 1000, D**-0.5, torch.empty_like(q)
+        )
     except Exception as e:  # e.g. newer vLLM source on an older Triton: go on without it
         print(f"no vLLM reference: its kernel failed here ({type(e).__name__}: {str(e)[:300]})")
         return None
@@ -160,26 +172,56 @@ def run(args, vllm_kernel) -> list[dict]:
             t_ref, best = min((t_sdpa, "sdpa"), (t_vllm or float("inf"), "vllm"))
             splits = args.splits or default_splits(batch, HKV, torch.device(dev), ctx, args.tile)
             ws = alloc_workspace(batch, HKV, HQ // HKV, D, splits, torch.device(dev))
-            variants = [("full", 1.0, PolicyConfig(policy="full", t_sink=args.t_sink, t_local=args.t_local), None)]
+            variants = [
+                ("full", 1.0, PolicyConfig(policy="full", t_sink=args.t_sink, t_local=args.t_local), None)
+            ]
             for f in args.fractions:
                 cfg = PolicyConfig(policy="random", t_sink=args.t_sink, t_local=args.t_local)
                 variants.append((f"frac={f:g}", f, cfg, group_mask(batch, f, gen, dev).to(torch.int8)))
             for name, fraction, cfg, mask in variants:
-                fn = lambda: qada_decode(q, k, v, table, seq_lens, D**-0.5, cfg, long_mask=mask,  # noqa: E731
-                                         out=out, workspace=ws, splits=splits, tile=args.tile,
-                                         num_warps=args.num_warps)
+                fn = lambda: qada_decode(
+                    q,
+                    k,
+                    v,
+                    table,
+                    seq_lens,
+                    D**-0.5,
+                    cfg,
+                    long_mask=mask,  # noqa: E731
+                    out=out,
+                    workspace=ws,
+                    splits=splits,
+                    tile=args.tile,
+                    num_warps=args.num_warps,
+                )
                 ms = timed(fn, args.graph, dev)
                 n_long = round(fraction * batch * HKV)
                 required = (n_long * ctx + (batch * HKV - n_long) * min(ctx, local_tokens)) * token_bytes
-                rows.append(dict(context=ctx, batch=batch, variant=name, long_fraction=fraction,
-                                 splits=splits, sdpa_backend=sdpa_backend, ms=ms, sdpa_ms=t_sdpa, vllm_ms=t_vllm,
-                                 best_reference=best, reference_ms=t_ref, speedup_vs_sdpa=t_sdpa / ms,
-                                 speedup_vs_best=t_ref / ms, required_gbps=required / (ms * 1e-3) / 1e9,
-                                 reference_gbps=kv_bytes / (t_ref * 1e-3) / 1e9))
+                rows.append(
+                    dict(
+                        context=ctx,
+                        batch=batch,
+                        variant=name,
+                        long_fraction=fraction,
+                        splits=splits,
+                        sdpa_backend=sdpa_backend,
+                        ms=ms,
+                        sdpa_ms=t_sdpa,
+                        vllm_ms=t_vllm,
+                        best_reference=best,
+                        reference_ms=t_ref,
+                        speedup_vs_sdpa=t_sdpa / ms,
+                        speedup_vs_best=t_ref / ms,
+                        required_gbps=required / (ms * 1e-3) / 1e9,
+                        reference_gbps=kv_bytes / (t_ref * 1e-3) / 1e9,
+                    )
+                )
                 vllm_us = f"{t_vllm * 1e3:8.1f}" if t_vllm is not None else "     n/a"
-                print(f"ctx={ctx:>6} B={batch:>2} {name:>9}: {ms * 1e3:8.1f} us  sdpa {t_sdpa * 1e3:8.1f} us"
-                      f"  vllm {vllm_us} us  x{t_ref / ms:5.2f} vs {best}  {rows[-1]['required_gbps']:7.0f} GB/s",
-                      flush=True)
+                print(
+                    f"ctx={ctx:>6} B={batch:>2} {name:>9}: {ms * 1e3:8.1f} us  sdpa {t_sdpa * 1e3:8.1f} us"
+                    f"  vllm {vllm_us} us  x{t_ref / ms:5.2f} vs {best}  {rows[-1]['required_gbps']:7.0f} GB/s",
+                    flush=True,
+                )
             del k, v, table
             if dev == "cuda":
                 torch.cuda.empty_cache()
@@ -196,8 +238,11 @@ def plot(rows: list[dict], copy_gbps: float, dtype: str, path: Path) -> None:
     fig, axes = plt.subplots(2, len(batches), figsize=(4.5 * len(batches), 7.5), squeeze=False)
     for col, batch in enumerate(batches):
         for name in dict.fromkeys(r["variant"] for r in rows):
-            pts = sorted((r["context"], r["speedup_vs_best"], r["required_gbps"]) for r in rows
-                         if r["batch"] == batch and r["variant"] == name)
+            pts = sorted(
+                (r["context"], r["speedup_vs_best"], r["required_gbps"])
+                for r in rows
+                if r["batch"] == batch and r["variant"] == name
+            )
             if pts:
                 ctx, speed, bw = zip(*pts)
                 axes[0][col].plot(ctx, speed, marker="o", label=name)
@@ -222,24 +267,48 @@ def goals(rows: list[dict]) -> list[dict]:
     """The issue's targets, each at its worst point (None where the sweep has no such point)."""
     full = [r for r in rows if r["variant"] == "full"]
     quarter = [r for r in rows if r["variant"] == "frac=0.25" and r["context"] >= 32768]
-    specs = [("all groups long: time within 10% of the best full-attention reference", full,
-              "speedup_vs_best", 1 / 1.1),
-             ("25% groups long, context >= 32k: >= 3x faster than that reference", quarter, "speedup_vs_best", 3.0),
-             ("all groups long, context >= 32k: bandwidth >= 80% of copy bandwidth",
-              [r for r in full if r["context"] >= 32768], "required_vs_copy", 0.8)]
+    specs = [
+        (
+            "all groups long: time within 10% of the best full-attention reference",
+            full,
+            "speedup_vs_best",
+            1 / 1.1,
+        ),
+        (
+            "25% groups long, context >= 32k: >= 3x faster than that reference",
+            quarter,
+            "speedup_vs_best",
+            3.0,
+        ),
+        (
+            "all groups long, context >= 32k: bandwidth >= 80% of copy bandwidth",
+            [r for r in full if r["context"] >= 32768],
+            "required_vs_copy",
+            0.8,
+        ),
+    ]
     out = []
     for goal, points, key, threshold in specs:
         worst = min(points, key=lambda r: r[key], default=None)
-        out.append(dict(goal=goal, metric=key, threshold=threshold, worst=worst and worst[key],
-                        at=worst and dict(context=worst["context"], batch=worst["batch"]),
-                        met=None if worst is None else worst[key] >= threshold))
+        out.append(
+            dict(
+                goal=goal,
+                metric=key,
+                threshold=threshold,
+                worst=worst and worst[key],
+                at=worst and dict(context=worst["context"], batch=worst["batch"]),
+                met=None if worst is None else worst[key] >= threshold,
+            )
+        )
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/triton_decode"))
-    p.add_argument("--quick", action="store_true", help="contexts 4k, 32k; batches 1, 16; fractions 0, 0.25, 1")
+    p.add_argument(
+        "--quick", action="store_true", help="contexts 4k, 32k; batches 1, 16; fractions 0, 0.25, 1"
+    )
     p.add_argument("--contexts", type=int, nargs="+", default=[2**k for k in range(11, 18)])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.1, 0.25, 0.5, 1.0])
@@ -249,12 +318,24 @@ def main() -> None:
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--splits", type=int, default=None, help="bulk splits (default: heuristic)")
     p.add_argument("--no-graph", dest="graph", action="store_false", help="time eager launches")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16",
-                   help="cache dtype (the CPU smoke run takes fp16: the interpreter's bf16 dot is wrong)")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                   help="cpu: a smoke run of this script under TRITON_INTERPRET=1 at tiny shapes")
-    p.add_argument("--vllm-ops", type=Path, default=Path(__file__).resolve().parent.parent / ".vendor" / "vllm_ops",
-                   help="directory with vLLM's unified_attention files (`make vllm-kernel`)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="bf16",
+        help="cache dtype (the CPU smoke run takes fp16: the interpreter's bf16 dot is wrong)",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cpu: a smoke run of this script under TRITON_INTERPRET=1 at tiny shapes",
+    )
+    p.add_argument(
+        "--vllm-ops",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / ".vendor" / "vllm_ops",
+        help="directory with vLLM's unified_attention files (`make vllm-kernel`)",
+    )
     args = p.parse_args()
     if args.quick:
         args.contexts, args.batches, args.fractions = [4096, 32768], [1, 16], [0.0, 0.25, 1.0]
@@ -281,10 +362,19 @@ def main() -> None:
         verdict = {True: "met", False: "NOT met", None: "-"}[g["met"]]
         print(f"goal: {g['goal']}: {worst} -> {verdict}")
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu (Triton interpreter; timings meaningless)"
-    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__,
-                shapes=dict(hq=HQ, hkv=HKV, head_dim=D, block_size=BLOCK, dtype=args.dtype),
-                t_sink=args.t_sink, t_local=args.t_local, tile=args.tile, num_warps=args.num_warps,
-                cuda_graphs=args.graph, copy_gbps=copy_gbps, vllm_reference=vllm_kernel is not None)
+    meta = dict(
+        device=name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        shapes=dict(hq=HQ, hkv=HKV, head_dim=D, block_size=BLOCK, dtype=args.dtype),
+        t_sink=args.t_sink,
+        t_local=args.t_local,
+        tile=args.tile,
+        num_warps=args.num_warps,
+        cuda_graphs=args.graph,
+        copy_gbps=copy_gbps,
+        vllm_reference=vllm_kernel is not None,
+    )
     (args.out / "results.json").write_text(json.dumps(dict(meta=meta, goals=summary, rows=rows), indent=1))
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

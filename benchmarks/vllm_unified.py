@@ -11,6 +11,7 @@ including its 2D/3D (split-softmax) choice.
     python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops    # from the installed vLLM
     python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops --from-wheel vllm-0.33.0-*.whl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -114,8 +115,15 @@ class UnifiedDecode:
     """vLLM's decode call for fixed shapes: its split-softmax scratch sized as its metadata
     builder sizes it (threshold 128 // Hkv rows, 16 segments), allocated once."""
 
-    def __init__(self, kernel_module: types.ModuleType, batch: int, num_heads: int, num_kv_heads: int,
-                 head_dim: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        kernel_module: types.ModuleType,
+        batch: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+    ) -> None:
         self.kernel = kernel_module.unified_attention
         self.threshold = MIN_LAUNCH_GRID_SIZE_2D // num_kv_heads
         rows = self.threshold
@@ -128,16 +136,41 @@ class UnifiedDecode:
         self.descale = torch.ones(batch, num_kv_heads, **f32)  # unused without fp8 (as in vLLM)
         self.uses_3d = batch <= self.threshold
 
-    def __call__(self, query, key_cache, value_cache, block_table, seq_lens, max_seq_len: int, scale: float,
-                 out: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        query,
+        key_cache,
+        value_cache,
+        block_table,
+        seq_lens,
+        max_seq_len: int,
+        scale: float,
+        out: torch.Tensor,
+    ) -> torch.Tensor:
         """query [B, Hq, D], caches [num_blocks, block_size, Hkv, D]; one new token per row."""
         self.kernel(
-            q=query, k=key_cache, v=value_cache, out=out, cu_seqlens_q=self.cu_seqlens_q, max_seqlen_q=1,
-            seqused_k=seq_lens, max_seqlen_k=max_seq_len, softmax_scale=scale, causal=True,
-            window_size=(-1, -1), block_table=block_table, softcap=0, q_descale=None,
-            k_descale=self.descale, v_descale=self.descale, seq_threshold_3D=self.threshold,
-            num_par_softmax_segments=NUM_PAR_SOFTMAX_SEGMENTS, softmax_segm_output=self.segm_output,
-            softmax_segm_max=self.segm_max, softmax_segm_expsum=self.segm_expsum)
+            q=query,
+            k=key_cache,
+            v=value_cache,
+            out=out,
+            cu_seqlens_q=self.cu_seqlens_q,
+            max_seqlen_q=1,
+            seqused_k=seq_lens,
+            max_seqlen_k=max_seq_len,
+            softmax_scale=scale,
+            causal=True,
+            window_size=(-1, -1),
+            block_table=block_table,
+            softcap=0,
+            q_descale=None,
+            k_descale=self.descale,
+            v_descale=self.descale,
+            seq_threshold_3D=self.threshold,
+            num_par_softmax_segments=NUM_PAR_SOFTMAX_SEGMENTS,
+            softmax_segm_output=self.segm_output,
+            softmax_segm_max=self.segm_max,
+            softmax_segm_expsum=self.segm_expsum,
+        )
         return out
 
 

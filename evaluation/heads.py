@@ -5,6 +5,7 @@ Probes run under policy `full` with `observe` and the question through the decod
 trace covers every query from the question's first token to the last generated one (token i of
 the answer is produced by trace step len(question) - 1 + i).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,16 +30,22 @@ def profile_heads(client: ServerClient, probes: list[Probe], tau: float, log=pri
         oracle = torch.tensor(trace["oracle"])  # [steps, layers, heads]
         oracle_long = oracle_long + oracle.sum(0)
         steps += oracle.shape[0]
-        retrieval = retrieval + retrieval_score(torch.tensor(trace["top1"]), probe, result["token_ids"],
-                                                first_answer_step=tail - 1)
+        retrieval = retrieval + retrieval_score(
+            torch.tensor(trace["top1"]), probe, result["token_ids"], first_answer_step=tail - 1
+        )
         log(f"profiled {n + 1}/{len(probes)}: {probe.task} {probe.context} tok, output {result['text']!r}")
-    return {"tau": tau, "probes": len(probes), "queries": steps,
-            "oracle_long_share": (oracle_long / steps).tolist(),
-            "retrieval_score": (retrieval / len(probes)).tolist()}
+    return {
+        "tau": tau,
+        "probes": len(probes),
+        "queries": steps,
+        "oracle_long_share": (oracle_long / steps).tolist(),
+        "retrieval_score": (retrieval / len(probes)).tolist(),
+    }
 
 
-def retrieval_score(top1: torch.Tensor, probe: Probe, generated: list[int],
-                    first_answer_step: int) -> torch.Tensor:
+def retrieval_score(
+    top1: torch.Tensor, probe: Probe, generated: list[int], first_answer_step: int
+) -> torch.Tensor:
     """Wu et al.: a head copies when its top-1 attended position lies in a needle and holds the
     token being generated; each copy adds 1 / |needle|. top1 [steps, layers, heads]."""
     prompt = torch.tensor(probe.prompt_ids)
@@ -67,7 +74,15 @@ def static_head_files(profile: dict, fractions: list[float], out_dir: Path) -> d
         for fraction in fractions:
             keep = round((1 - fraction) * layers * heads)
             path = out_dir / f"static-{ranking}-{fraction:g}.json"
-            path.write_text(json.dumps({"num_layers": layers, "num_heads": heads, "ranking": key,
-                                        "long_heads": [divmod(i, heads) for i in order[:keep]]}))
+            path.write_text(
+                json.dumps(
+                    {
+                        "num_layers": layers,
+                        "num_heads": heads,
+                        "ranking": key,
+                        "long_heads": [divmod(i, heads) for i in order[:keep]],
+                    }
+                )
+            )
             files[ranking][fraction] = str(path.resolve())
     return files

@@ -1,12 +1,28 @@
 """`qada eval report`: plots and docs/results.md from the directories `qada eval run` wrote."""
+
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-FAMILIES = ("oracle", "qada-prompt", "qada-local", "qada-calib", "static-oracle", "static-retrieval", "random")
-STYLE = {"oracle": "k-o", "qada-prompt": "C0-s", "qada-local": "C1-^", "qada-calib": "C2-v",
-         "static-oracle": "C3--D", "static-retrieval": "C4--x", "random": "C7:."}
+FAMILIES = (
+    "oracle",
+    "qada-prompt",
+    "qada-local",
+    "qada-calib",
+    "static-oracle",
+    "static-retrieval",
+    "random",
+)
+STYLE = {
+    "oracle": "k-o",
+    "qada-prompt": "C0-s",
+    "qada-local": "C1-^",
+    "qada-calib": "C2-v",
+    "static-oracle": "C3--D",
+    "static-retrieval": "C4--x",
+    "random": "C7:.",
+}
 
 
 def _load(run: Path) -> dict:
@@ -32,21 +48,27 @@ def plot_curves(summary: dict, protocol: str, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, level, label in zip(axes, ("groups", "heads"), ("KV-group", "query-head")):
         for family in FAMILIES:
-            points = sorted((e[f"{level}_local_fraction"], e["accuracy"], e["knob"])
-                            for e in entries if e["family"] == family)
+            points = sorted(
+                (e[f"{level}_local_fraction"], e["accuracy"], e["knob"])
+                for e in entries
+                if e["family"] == family
+            )
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], STYLE[family], label=family)
         for family, style in (("full", "g--"), ("local", "r:")):
             for e in entries:
                 if e["family"] == family:
-                    ax.axhline(e["accuracy"], color=style[0], linestyle=style[1:], label=f"{family} attention")
+                    ax.axhline(
+                        e["accuracy"], color=style[0], linestyle=style[1:], label=f"{family} attention"
+                    )
         ax.set_xlabel(f"{label} decisions local (sparsity)")
         ax.set_xlim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("exact-match accuracy")
     axes[1].legend(fontsize=8, loc="lower left")
-    fig.suptitle(f"{summary['model']}: accuracy vs sparsity ({protocol} protocol, "
-                 f"{summary['probes']} probes)")
+    fig.suptitle(
+        f"{summary['model']}: accuracy vs sparsity ({protocol} protocol, {summary['probes']} probes)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -68,8 +90,10 @@ def plot_heads(summary: dict, path: Path) -> None:
         ax.set_ylabel("query head")
         ax.set_title(title)
         fig.colorbar(image, ax=ax)
-    fig.suptitle(f"{summary['model']}: per-head behaviour under full attention "
-                 f"({summary['profile']['queries']} queries, {summary['profile']['probes']} probes)")
+    fig.suptitle(
+        f"{summary['model']}: per-head behaviour under full attention "
+        f"({summary['profile']['queries']} queries, {summary['profile']['probes']} probes)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -80,8 +104,10 @@ def _pct(x: float | None) -> str:
 
 
 def _table(summary: dict, protocol: str) -> list[str]:
-    lines = ["| setting | accuracy | heads local | KV groups local | FN rate (heads / groups) | FP rate (heads / groups) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | accuracy | heads local | KV groups local | FN rate (heads / groups) | FP rate (heads / groups) |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in summary["settings"]:
         if e["protocol"] != protocol:
             continue
@@ -90,8 +116,10 @@ def _table(summary: dict, protocol: str) -> list[str]:
         if agree:
             fn = f"{_pct(agree['heads']['false_negative_rate'])} / {_pct(agree['groups']['false_negative_rate'])}"
             fp = f"{_pct(agree['heads']['false_positive_rate'])} / {_pct(agree['groups']['false_positive_rate'])}"
-        lines.append(f"| {e['setting']} | {_pct(e['accuracy'])} | {_pct(e.get('heads_local_fraction'))} "
-                     f"| {_pct(e.get('groups_local_fraction'))} | {fn} | {fp} |")
+        lines.append(
+            f"| {e['setting']} | {_pct(e['accuracy'])} | {_pct(e.get('heads_local_fraction'))} "
+            f"| {_pct(e.get('groups_local_fraction'))} | {fn} | {fp} |"
+        )
     return lines
 
 
@@ -99,51 +127,76 @@ def _equal_sparsity(summary: dict, protocol: str) -> list[str]:
     """Each static point next to the qada-prompt point of nearest query-head sparsity."""
     entries = [e for e in summary["settings"] if e["protocol"] == protocol]
     qada = [e for e in entries if e["family"] == "qada-prompt"]
-    lines = ["| static setting | heads local | accuracy | nearest qada-prompt | heads local | accuracy |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| static setting | heads local | accuracy | nearest qada-prompt | heads local | accuracy |",
+        "|---|---|---|---|---|---|",
+    ]
     for e in entries:
         if e["family"].startswith("static") and qada:
             q = min(qada, key=lambda x: abs(x["heads_local_fraction"] - e["heads_local_fraction"]))
-            lines.append(f"| {e['setting']} | {_pct(e['heads_local_fraction'])} | {_pct(e['accuracy'])} "
-                         f"| {q['setting']} | {_pct(q['heads_local_fraction'])} | {_pct(q['accuracy'])} |")
+            lines.append(
+                f"| {e['setting']} | {_pct(e['heads_local_fraction'])} | {_pct(e['accuracy'])} "
+                f"| {q['setting']} | {_pct(q['heads_local_fraction'])} | {_pct(q['accuracy'])} |"
+            )
     return lines
 
 
 def write_report(runs: list[Path], docs: Path, notes: Path | None = None) -> Path:
     images = docs / "img" / "results"
     images.mkdir(parents=True, exist_ok=True)
-    out = ["# Evaluation results", "",
-           "Generated by `qada eval report` from the run directories below; every number comes from "
-           "the real vLLM engine serving the model with the QAdA backend (policies switched live "
-           "through `PUT /v1/qada/policy`). Scoring: exact match (every expected value appears in "
-           "the greedy output). Protocols: **prompt** = the question is part of the exact prefill "
-           "and only the answer is decoded under the policy; **decode** = the question's tokens are "
-           "also run through the policy's decode path (`decode_tail`). FN rate = oracle-long "
-           "decisions the policy made local; FP rate = oracle-local decisions it made long "
-           "(oracle at the same tau).", ""]
+    out = [
+        "# Evaluation results",
+        "",
+        "Generated by `qada eval report` from the run directories below; every number comes from "
+        "the real vLLM engine serving the model with the QAdA backend (policies switched live "
+        "through `PUT /v1/qada/policy`). Scoring: exact match (every expected value appears in "
+        "the greedy output). Protocols: **prompt** = the question is part of the exact prefill "
+        "and only the answer is decoded under the policy; **decode** = the question's tokens are "
+        "also run through the policy's decode path (`decode_tail`). FN rate = oracle-long "
+        "decisions the policy made local; FP rate = oracle-local decisions it made long "
+        "(oracle at the same tau).",
+        "",
+    ]
     if notes:  # hand-written reading of the numbers below
         out += [notes.read_text().strip(), ""]
     for run in runs:
         summary = _load(run)
         slug = summary["slug"]
         plan = summary["plan"]
-        out += [f"## {summary['model']}", "",
-                f"Command: `{summary.get('command') or 'qada eval run'}` (against `qada serve --config "
-                f"configs/<model>-cpu-qada.yaml`); raw results in `{run}`.", "",
-                f"{summary['probes']} probes (tasks {', '.join(plan['tasks'])}; contexts "
-                f"{plan['contexts']} tokens; depths {plan['depths']}), taus {plan['taus']}, static/random "
-                f"local shares {plan['fractions']}; wall time {summary['wall_s'] / 60:.0f} min.", ""]
+        out += [
+            f"## {summary['model']}",
+            "",
+            f"Command: `{summary.get('command') or 'qada eval run'}` (against `qada serve --config "
+            f"configs/<model>-cpu-qada.yaml`); raw results in `{run}`.",
+            "",
+            f"{summary['probes']} probes (tasks {', '.join(plan['tasks'])}; contexts "
+            f"{plan['contexts']} tokens; depths {plan['depths']}), taus {plan['taus']}, static/random "
+            f"local shares {plan['fractions']}; wall time {summary['wall_s'] / 60:.0f} min.",
+            "",
+        ]
         if summary.get("full_vs_stock"):
             fs = summary["full_vs_stock"]
-            out += [f"Policy `full` vs stock vLLM on the same {fs['probes']} probes: "
-                    f"{_pct(fs['full_accuracy'])} vs {_pct(fs['stock_accuracy'])}.", ""]
+            out += [
+                f"Policy `full` vs stock vLLM on the same {fs['probes']} probes: "
+                f"{_pct(fs['full_accuracy'])} vs {_pct(fs['stock_accuracy'])}.",
+                "",
+            ]
         plot_heads(summary, images / f"{slug}-heads.png")
         out += [f"![per-head behaviour](img/results/{slug}-heads.png)", ""]
         for protocol in summary["protocols"]:
             plot_curves(summary, protocol, images / f"{slug}-{protocol}.png")
-            out += [f"### {protocol} protocol", "", f"![accuracy vs sparsity](img/results/{slug}-{protocol}.png)",
-                    "", *_table(summary, protocol), "", "Static head sets against QAdA at equal sparsity:",
-                    "", *_equal_sparsity(summary, protocol), ""]
+            out += [
+                f"### {protocol} protocol",
+                "",
+                f"![accuracy vs sparsity](img/results/{slug}-{protocol}.png)",
+                "",
+                *_table(summary, protocol),
+                "",
+                "Static head sets against QAdA at equal sparsity:",
+                "",
+                *_equal_sparsity(summary, protocol),
+                "",
+            ]
     path = docs / "results.md"
     path.write_text("\n".join(out) + "\n")
     return path

@@ -1,5 +1,6 @@
 """`qada eval run`: calibrate heads, sweep policies over generated probes on a running QAdA
 server, and write results.jsonl, head_profile.json and summary.json into an output directory."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,33 @@ from .summary import summarize
 from .sweep import settings_grid, sweep
 from .tasks import TASKS, make_probes
 
-QUICK = dict(tasks=["niah_single"], contexts=[1024], depths=[0.5], taus=[0.8], fractions=[0.8],
-             calib_probes=1)
-FULL = dict(tasks=list(TASKS), contexts=[2048, 4096], depths=[0.5],
-            taus=[0.2, 0.5, 0.8, 0.95], fractions=[0.5, 0.75, 0.9], calib_probes=4)
+QUICK = dict(
+    tasks=["niah_single"], contexts=[1024], depths=[0.5], taus=[0.8], fractions=[0.8], calib_probes=1
+)
+FULL = dict(
+    tasks=list(TASKS),
+    contexts=[2048, 4096],
+    depths=[0.5],
+    taus=[0.2, 0.5, 0.8, 0.95],
+    fractions=[0.5, 0.75, 0.9],
+    calib_probes=4,
+)
 
 
-def run(url: str, out: Path, model_dir: Path, *, cache_dir: Path | None = None, api_key: str | None = None,
-        stock_url: str | None = None, quick: bool = False, protocols=("prompt", "decode"),
-        overrides: dict | None = None, command: str | None = None, log=print) -> dict:
+def run(
+    url: str,
+    out: Path,
+    model_dir: Path,
+    *,
+    cache_dir: Path | None = None,
+    api_key: str | None = None,
+    stock_url: str | None = None,
+    quick: bool = False,
+    protocols=("prompt", "decode"),
+    overrides: dict | None = None,
+    command: str | None = None,
+    log=print,
+) -> dict:
     from transformers import AutoTokenizer
 
     from serving.longcontext import haystack_text
@@ -36,8 +55,9 @@ def run(url: str, out: Path, model_dir: Path, *, cache_dir: Path | None = None, 
     started = time.monotonic()
     try:
         # calibration: other probes (seed 1) than the evaluation's
-        calib_probes = make_probes(tokenizer, haystack, ["niah_single", "niah_multikey"],
-                                   plan["contexts"][:1], [0.3, 0.7], seed=1)[:plan["calib_probes"]]
+        calib_probes = make_probes(
+            tokenizer, haystack, ["niah_single", "niah_multikey"], plan["contexts"][:1], [0.3, 0.7], seed=1
+        )[: plan["calib_probes"]]
         profile = profile_heads(client, calib_probes, tau=0.8, log=log)
         (out / "head_profile.json").write_text(json.dumps(profile))
         static_files = static_head_files(profile, plan["fractions"], out)
@@ -53,7 +73,14 @@ def run(url: str, out: Path, model_dir: Path, *, cache_dir: Path | None = None, 
     finally:
         client.set_policy(original_policy)
     summary = summarize(rows)
-    summary.update(command=command, model=client.model, model_dir=str(model_dir), plan=plan, protocols=list(protocols),
-                   probes=len(probes), wall_s=round(time.monotonic() - started, 1))
+    summary.update(
+        command=command,
+        model=client.model,
+        model_dir=str(model_dir),
+        plan=plan,
+        protocols=list(protocols),
+        probes=len(probes),
+        wall_s=round(time.monotonic() - started, 1),
+    )
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

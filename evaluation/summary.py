@@ -1,11 +1,23 @@
 """Aggregate result rows per (protocol, setting): accuracy, sparsity at query-head and KV-group
 level, and agreement with the oracle (false-negative / false-positive rates)."""
+
 from __future__ import annotations
 
 from collections import defaultdict
 
-ROW_KEYS = {"task", "probe", "context", "depth", "protocol", "setting", "family", "knob", "correct",
-            "answers", "output"}
+ROW_KEYS = {
+    "task",
+    "probe",
+    "context",
+    "depth",
+    "protocol",
+    "setting",
+    "family",
+    "knob",
+    "correct",
+    "answers",
+    "output",
+}
 SETTING_KEYS = {"protocol", "setting", "family", "knob", "probes", "accuracy", "by_task"}
 
 
@@ -18,9 +30,15 @@ def summarize(rows: list[dict]) -> dict:
         groups[row["protocol"], row["setting"]].append(row)
     settings = []
     for (protocol, name), items in groups.items():
-        entry = {"protocol": protocol, "setting": name, "family": items[0]["family"],
-                 "knob": items[0]["knob"], "probes": len(items),
-                 "accuracy": sum(r["correct"] for r in items) / len(items), "by_task": {}}
+        entry = {
+            "protocol": protocol,
+            "setting": name,
+            "family": items[0]["family"],
+            "knob": items[0]["knob"],
+            "probes": len(items),
+            "accuracy": sum(r["correct"] for r in items) / len(items),
+            "by_task": {},
+        }
         for task in sorted({r["task"] for r in items}):
             of_task = [r for r in items if r["task"] == task]
             entry["by_task"][task] = sum(r["correct"] for r in of_task) / len(of_task)
@@ -46,10 +64,16 @@ def summarize(rows: list[dict]) -> dict:
 def _full_vs_stock(rows: list[dict]) -> dict | None:
     """Accuracy of policy `full` and of the stock backend on the same probes (prompt protocol)."""
     stock = {(r["task"], r["context"], r["probe"]): r["correct"] for r in rows if r["family"] == "stock"}
-    full = {(r["task"], r["context"], r["probe"]): r["correct"] for r in rows
-            if r["family"] == "full" and r["protocol"] == "prompt"}
+    full = {
+        (r["task"], r["context"], r["probe"]): r["correct"]
+        for r in rows
+        if r["family"] == "full" and r["protocol"] == "prompt"
+    }
     if not stock:
         return None
     common = stock.keys() & full.keys()
-    return {"probes": len(common), "full_accuracy": sum(full[k] for k in common) / max(len(common), 1),
-            "stock_accuracy": sum(stock[k] for k in common) / max(len(common), 1)}
+    return {
+        "probes": len(common),
+        "full_accuracy": sum(full[k] for k in common) / max(len(common), 1),
+        "stock_accuracy": sum(stock[k] for k in common) / max(len(common), 1),
+    }

@@ -6,6 +6,7 @@ Protocols: "prompt" (the question is part of the exact prefill; only the answer 
 the policy) and "decode" (the question's tokens also go through the policy's decode path,
 `decode_tail`).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,12 @@ class Setting:
         return self.family if self.knob is None else f"{self.family}@{self.knob:g}"
 
 
-def settings_grid(taus: list[float], fractions: list[float], static_files: dict[str, dict[float, str]],
-                  calib_file: str | None) -> list[Setting]:
+def settings_grid(
+    taus: list[float],
+    fractions: list[float],
+    static_files: dict[str, dict[float, str]],
+    calib_file: str | None,
+) -> list[Setting]:
     """full and local ends; oracle and qada (each statistics source) at each tau; static (each
     ranking) and random at each local share of query heads."""
     grid = [Setting("full", None, {"policy": "full"}), Setting("local", None, {"policy": "local"})]
@@ -38,12 +43,19 @@ def settings_grid(taus: list[float], fractions: list[float], static_files: dict[
         grid.append(Setting("qada-prompt", tau, {"policy": "qada", "stats": "prompt", "tau": tau}, True))
         grid.append(Setting("qada-local", tau, {"policy": "qada", "stats": "local", "tau": tau}, True))
         if calib_file:
-            grid.append(Setting("qada-calib", tau, {"policy": "qada", "stats": "calib", "tau": tau,
-                                                    "calib": calib_file}, True))
+            grid.append(
+                Setting(
+                    "qada-calib",
+                    tau,
+                    {"policy": "qada", "stats": "calib", "tau": tau, "calib": calib_file},
+                    True,
+                )
+            )
     for fraction in fractions:
         for ranking, files in static_files.items():
-            grid.append(Setting(f"static-{ranking}", fraction,
-                                {"policy": "static", "static_heads": files[fraction]}))
+            grid.append(
+                Setting(f"static-{ranking}", fraction, {"policy": "static", "static_heads": files[fraction]})
+            )
         grid.append(Setting("random", fraction, {"policy": "random", "random_fraction": 1 - fraction}))
     return grid
 
@@ -58,26 +70,48 @@ def run_probe(client: ServerClient, probe: Probe, setting: Setting, protocol: st
         result = client.complete(probe.prompt_ids, probe.max_tokens)
         expected = tail + len(result["token_ids"]) - 1  # question tokens + all but the first answer token
         if result["qada"]["decode_steps"] != expected:
-            raise EvalError(f"{probe.task} probe {probe.index}: {result['qada']['decode_steps']} decode "
-                            f"steps, expected {expected}: the question was not recomputed (is it "
-                            "longer than a KV block, or the prefix not block-aligned?)")
-    row = {"task": probe.task, "probe": probe.index, "context": probe.context, "depth": probe.depth,
-           "protocol": protocol, "setting": setting.name, "family": setting.family,
-           "knob": setting.knob, "correct": score(result["text"], probe.answers),
-           "answers": probe.answers, "output": result["text"]}
+            raise EvalError(
+                f"{probe.task} probe {probe.index}: {result['qada']['decode_steps']} decode "
+                f"steps, expected {expected}: the question was not recomputed (is it "
+                "longer than a KV block, or the prefix not block-aligned?)"
+            )
+    row = {
+        "task": probe.task,
+        "probe": probe.index,
+        "context": probe.context,
+        "depth": probe.depth,
+        "protocol": protocol,
+        "setting": setting.name,
+        "family": setting.family,
+        "knob": setting.knob,
+        "correct": score(result["text"], probe.answers),
+        "answers": probe.answers,
+        "output": result["text"],
+    }
     usage = result["qada"]
     if usage:
         heads, groups = usage["head_decisions"], usage["kv_group_decisions"]
-        row.update(decode_steps=usage["decode_steps"],
-                   heads_long=heads["long"], heads_total=heads["long"] + heads["local"],
-                   groups_long=groups["long"], groups_total=groups["long"] + groups["local"])
+        row.update(
+            decode_steps=usage["decode_steps"],
+            heads_long=heads["long"],
+            heads_total=heads["long"] + heads["local"],
+            groups_long=groups["long"],
+            groups_total=groups["long"] + groups["local"],
+        )
         if "oracle" in usage:
             row["oracle"] = usage["oracle"]
     return row
 
 
-def sweep(client: ServerClient, probes: list[Probe], settings: list[Setting], protocols: list[str],
-          out: Path, stock: ServerClient | None = None, log=print) -> list[dict]:
+def sweep(
+    client: ServerClient,
+    probes: list[Probe],
+    settings: list[Setting],
+    protocols: list[str],
+    out: Path,
+    stock: ServerClient | None = None,
+    log=print,
+) -> list[dict]:
     """Run every (probe, protocol, setting); rows are appended to `out` (JSON lines) as they come.
     `stock`, a server with vLLM's own attention, answers the same probes as the reference."""
     rows = []
@@ -90,7 +124,9 @@ def sweep(client: ServerClient, probes: list[Probe], settings: list[Setting], pr
                 rows.append(row)
                 f.write(json.dumps(row) + "\n")
                 f.flush()
-            solved = sum(r["correct"] for r in rows[-len(jobs):])
-            log(f"probe {n + 1}/{len(probes)} {probe.task} {probe.context} tok depth {probe.depth}: "
-                f"{solved}/{len(jobs)} settings correct")
+            solved = sum(r["correct"] for r in rows[-len(jobs) :])
+            log(
+                f"probe {n + 1}/{len(probes)} {probe.task} {probe.context} tok depth {probe.depth}: "
+                f"{solved}/{len(jobs)} settings correct"
+            )
     return rows

@@ -1,4 +1,5 @@
 """`qada` command line: prepare a model, serve it."""
+
 from __future__ import annotations
 
 import argparse
@@ -65,36 +66,59 @@ def _eval_run(args: argparse.Namespace) -> None:
     from serving.models import prepare_model
 
     model_dir = Path(args.model_dir) if args.model_dir else prepare_model(args.model, args.cache_dir)
-    overrides = {"tasks": args.tasks, "contexts": args.contexts, "depths": args.depths,
-                 "taus": args.taus, "fractions": args.fractions}
-    summary = run(args.url, Path(args.out), model_dir, cache_dir=args.cache_dir, api_key=args.api_key,
-                  stock_url=args.stock_url, quick=args.quick, protocols=args.protocols,
-                  overrides=overrides, command="qada " + " ".join(sys.argv[1:]))
+    overrides = {
+        "tasks": args.tasks,
+        "contexts": args.contexts,
+        "depths": args.depths,
+        "taus": args.taus,
+        "fractions": args.fractions,
+    }
+    summary = run(
+        args.url,
+        Path(args.out),
+        model_dir,
+        cache_dir=args.cache_dir,
+        api_key=args.api_key,
+        stock_url=args.stock_url,
+        quick=args.quick,
+        protocols=args.protocols,
+        overrides=overrides,
+        command="qada " + " ".join(sys.argv[1:]),
+    )
     print(f"{args.out}: {summary['probes']} probes in {summary['wall_s']} s")
 
 
 def _eval_report(args: argparse.Namespace) -> None:
     from evaluation.report import write_report
 
-    print(write_report([Path(d) for d in args.runs], Path(args.docs),
-                       Path(args.notes) if args.notes else None))
+    print(
+        write_report([Path(d) for d in args.runs], Path(args.docs), Path(args.notes) if args.notes else None)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qada", description=__doc__)
-    parser.add_argument("--cache-dir", type=Path, default=None,
-                        help="model cache (default $QADA_CACHE_DIR or ~/.cache/qada)")
+    parser.add_argument(
+        "--cache-dir", type=Path, default=None, help="model cache (default $QADA_CACHE_DIR or ~/.cache/qada)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     prep = sub.add_parser("prepare-model", help="download and convert a model into the cache")
-    prep.add_argument("name", nargs="?", default="smollm2-135m-instruct",
-                      help="smollm2-135m-instruct (default), qwen2.5-coder-0.5b-instruct, "
-                           "qwen2.5-coder-1.5b-instruct, or any name with --gguf")
+    prep.add_argument(
+        "name",
+        nargs="?",
+        default="smollm2-135m-instruct",
+        help="smollm2-135m-instruct (default), qwen2.5-coder-0.5b-instruct, "
+        "qwen2.5-coder-1.5b-instruct, or any name with --gguf",
+    )
     prep.add_argument("--gguf", help="convert this local GGUF file instead of downloading")
     prep.set_defaults(func=_prepare)
 
-    srv = sub.add_parser("serve", help="serve a model with vLLM's OpenAI-compatible server",
-                         epilog="Arguments after `--` go to vLLM unchanged.")
+    srv = sub.add_parser(
+        "serve",
+        help="serve a model with vLLM's OpenAI-compatible server",
+        epilog="Arguments after `--` go to vLLM unchanged.",
+    )
     srv.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (see configs/)")
     srv.add_argument("--model", help="known model name or local Hugging Face directory")
     srv.add_argument("--served-model-name")
@@ -102,14 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int)
     srv.add_argument("--api-key")
     srv.add_argument("--max-model-len", type=int)
-    srv.add_argument("--policy", help="enable QAdA attention with this policy "
-                                      "(oracle, qada, static, full, local, random)")
+    srv.add_argument(
+        "--policy", help="enable QAdA attention with this policy (oracle, qada, static, full, local, random)"
+    )
     srv.add_argument("--tau", type=float)
     srv.add_argument("--t-sink", type=int)
     srv.add_argument("--t-local", type=int)
     srv.add_argument("--stats", help="qada statistics source: prompt, calib, local")
-    srv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any config key, e.g. --set engine.dtype=bfloat16")
+    srv.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. --set engine.dtype=bfloat16",
+    )
     srv.add_argument("vllm_args", nargs="*", help=argparse.SUPPRESS)
     srv.set_defaults(func=_serve)
 
@@ -130,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev_run.add_argument("--url", default="http://127.0.0.1:8000", help="a running QAdA server")
     ev_run.add_argument("--stock-url", help="a stock-attention server serving the same model (reference)")
     ev_run.add_argument("--api-key")
-    ev_run.add_argument("--model", default="smollm2-135m-instruct", help="prepared model (tokenizer, "
-                        "key statistics)")
+    ev_run.add_argument(
+        "--model", default="smollm2-135m-instruct", help="prepared model (tokenizer, key statistics)"
+    )
     ev_run.add_argument("--model-dir", help="the model directory, instead of --model")
     ev_run.add_argument("--out", required=True, help="output directory")
     ev_run.add_argument("--quick", action="store_true", help="a smoke-test subset (CI)")

@@ -1,4 +1,5 @@
 """Serving configuration: a YAML file validated into typed settings, with CLI overrides."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,12 +46,23 @@ class AttentionConfig(_Strict):
     static_heads: str | None = Field(None, description="JSON file of long heads, for policy static")
     calib: str | None = Field(None, description="statistics file, for stats calib")
     seed: int = 0
-    min_bulk: int = Field(0, ge=0, description="CPU: a decode step whose bulks add up to fewer "
-                          "tokens reads everything instead of deciding (deciding costs more there)")
-    observe: bool = Field(False, description="evaluation only: also compute the oracle's "
-                          "decisions and top-1 positions from all keys (full-attention cost)")
-    decode_tail: int = Field(0, ge=0, description="evaluation only: also run the last N prompt "
-                             "tokens through the decode path (prefill stays exact before them)")
+    min_bulk: int = Field(
+        0,
+        ge=0,
+        description="CPU: a decode step whose bulks add up to fewer "
+        "tokens reads everything instead of deciding (deciding costs more there)",
+    )
+    observe: bool = Field(
+        False,
+        description="evaluation only: also compute the oracle's "
+        "decisions and top-1 positions from all keys (full-attention cost)",
+    )
+    decode_tail: int = Field(
+        0,
+        ge=0,
+        description="evaluation only: also run the last N prompt "
+        "tokens through the decode path (prefill stays exact before them)",
+    )
 
 
 class ServeConfig(_Strict):
@@ -91,5 +103,6 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
 
 def describe(exc: ValidationError) -> str:
     """One line naming each offending key, e.g. `engine.max_model_len: Input should be > 0`."""
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}"
-                     for err in exc.errors())
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+    )

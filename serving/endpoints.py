@@ -3,6 +3,7 @@
 The decisions are made in the worker process; these routes reach it with
 `engine_client.collective_rpc` into methods of `attention_backend.worker.QadaCPUWorker`.
 """
+
 from __future__ import annotations
 
 import json
@@ -60,8 +61,10 @@ async def get_stats(request: Request):
     if not request.app.state.qada_enabled:
         return {"enabled": False}
     counters = await _rpc(request, "qada_counters")
-    total = {key: sum(layer[key] for layer in counters["layers"].values())
-             for key in ("rows", "long_heads", "long_groups", "kv_bytes_read", "kv_bytes_skipped")}
+    total = {
+        key: sum(layer[key] for layer in counters["layers"].values())
+        for key in ("rows", "long_heads", "long_groups", "kv_bytes_read", "kv_bytes_skipped")
+    }
     heads, groups = total["rows"] * counters["num_heads"], total["rows"] * counters["num_kv_heads"]
     return {
         "enabled": True,
@@ -81,8 +84,9 @@ async def get_request_decisions(request_id: str, request: Request):
         return _error(409, "QAdA attention is not enabled on this server")
     trace = await _rpc(request, "qada_request_trace", request_id)
     if trace is None:
-        return _error(404, f"no decisions recorded for request {request_id!r} (only recent "
-                           "requests are kept)")
+        return _error(
+            404, f"no decisions recorded for request {request_id!r} (only recent requests are kept)"
+        )
     return trace
 
 

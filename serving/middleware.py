@@ -3,6 +3,7 @@
 Most vLLM errors already are ``{"error": {"message", "type", "code", ...}}``, but some (its API-key
 check answers ``{"error": "Unauthorized"}``) are not; clients parse ``error.message``.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ class OpenAIErrorShape:
             nonlocal start
             if message["type"] == "http.response.start":
                 headers = dict(message.get("headers", []))
-                if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(b"application/json"):
+                if message["status"] >= 400 and headers.get(b"content-type", b"").startswith(
+                    b"application/json"
+                ):
                     start = message  # hold it until we have seen the body
                     return
                 await send(message)

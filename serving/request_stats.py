@@ -4,6 +4,7 @@ Opt in per request with the header `X-QAdA-Stats: 1` (it costs one round-trip to
 after the response is complete). Non-streaming responses get `usage.qada`; streaming responses
 get it in the final usage chunk, so they need `stream_options: {"include_usage": true}`.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,9 +24,12 @@ class QadaRequestStats:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = getattr(scope.get("app"), "state", None)
-        if (scope["type"] != "http" or scope["path"] not in ROUTES
-                or Headers(scope=scope).get(HEADER) not in ("1", "true")
-                or not getattr(state, "qada_enabled", False)):
+        if (
+            scope["type"] != "http"
+            or scope["path"] not in ROUTES
+            or Headers(scope=scope).get(HEADER) not in ("1", "true")
+            or not getattr(state, "qada_enabled", False)
+        ):
             await self.app(scope, receive, send)
             return
         engine = state.qada_engine
@@ -75,7 +79,7 @@ async def _with_stats(event: bytes, stats_for) -> bytes:
     """An SSE event, with usage.qada added if it is the final usage chunk."""
     if not event.startswith(b"data: {") or b'"usage"' not in event:
         return event
-    payload = json.loads(event[len(b"data: "):])
+    payload = json.loads(event[len(b"data: ") :])
     if not payload.get("usage"):
         return event
     await stats_for(payload)

@@ -1,4 +1,5 @@
 """Shared fixtures: the prepared real model and one real server per test session."""
+
 from __future__ import annotations
 
 import os
@@ -29,15 +30,25 @@ class Prometheus:
     def __init__(self, binary: str, target: str, work: Path):
         import yaml
 
-        (work / "prometheus.yml").write_text(yaml.safe_dump({
-            "global": {"scrape_interval": "1s"},
-            "scrape_configs": [{"job_name": "qada", "static_configs": [{"targets": [target]}]}],
-        }))
+        (work / "prometheus.yml").write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s"},
+                    "scrape_configs": [{"job_name": "qada", "static_configs": [{"targets": [target]}]}],
+                }
+            )
+        )
         self.url = f"http://127.0.0.1:{free_port()}"
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={work / 'prometheus.yml'}", f"--storage.tsdb.path={work / 'data'}",
-             f"--web.listen-address={self.url.removeprefix('http://')}"],
-            stdout=open(work / "log", "w"), stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={work / 'prometheus.yml'}",
+                f"--storage.tsdb.path={work / 'data'}",
+                f"--web.listen-address={self.url.removeprefix('http://')}",
+            ],
+            stdout=open(work / "log", "w"),
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -65,10 +76,25 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        cmd = [sys.executable, "-m", "serving.cli", "serve", *args,
-               "--port", str(self.port), "--api-key", API_KEY]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "serve",
+            *args,
+            "--port",
+            str(self.port),
+            "--api-key",
+            API_KEY,
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
 
     def wait_ready(self, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout

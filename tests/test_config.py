@@ -1,4 +1,5 @@
 """Config loading/validation and the vLLM command line it turns into."""
+
 from __future__ import annotations
 
 import json
@@ -24,21 +25,25 @@ def test_default_config_is_stock_smollm2_on_cpu():
 
 
 def test_overrides_replace_file_values():
-    cfg = load_config(CONFIGS / "smollm2-cpu.yaml",
-                      {"port": 9001, "engine.max_model_len": 2048, "attention.policy": "full",
-                       "api_key": None})
+    cfg = load_config(
+        CONFIGS / "smollm2-cpu.yaml",
+        {"port": 9001, "engine.max_model_len": 2048, "attention.policy": "full", "api_key": None},
+    )
     assert (cfg.port, cfg.engine.max_model_len, cfg.attention.policy) == (9001, 2048, "full")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("model: m\nengin: {}\n", "engin"),                           # typo in a key
-    ("model: m\nengine: {max_model_len: -1}\n", "engine.max_model_len"),
-    ("model: m\nattention: {policy: magic}\n", "attention.policy"),
-    ("model: m\nattention: {tau: 1.5}\n", "attention.tau"),
-    ("engine: {}\n", "model"),                                    # missing required key
-    ("model: [unclosed\n", "not valid YAML"),
-    ("- a list\n", "mapping"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("model: m\nengin: {}\n", "engin"),  # typo in a key
+        ("model: m\nengine: {max_model_len: -1}\n", "engine.max_model_len"),
+        ("model: m\nattention: {policy: magic}\n", "attention.policy"),
+        ("model: m\nattention: {tau: 1.5}\n", "attention.tau"),
+        ("engine: {}\n", "model"),  # missing required key
+        ("model: [unclosed\n", "not valid YAML"),
+        ("- a list\n", "mapping"),
+    ],
+)
 def test_invalid_configs_name_the_problem(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

@@ -1,5 +1,6 @@
 """The evaluation harness: probe generation and scoring, and its quick mode end to end against
 the session's real servers (QAdA and stock)."""
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,8 @@ def test_retrieval_score_counts_copies_from_the_needle(tokenizer, haystack):
     answer = probe.prompt_ids[start:end]
     steps = len(answer) + 2
     top1 = torch.zeros(steps, 2, 3, dtype=torch.long)  # [steps, layers, heads]
-    top1[1:1 + len(answer), 1, 2] = torch.arange(start, end)  # layer 1 head 2 copies each token
-    top1[1:1 + len(answer), 0, 0] = start  # layer 0 head 0 stares at the first one
+    top1[1 : 1 + len(answer), 1, 2] = torch.arange(start, end)  # layer 1 head 2 copies each token
+    top1[1 : 1 + len(answer), 0, 0] = start  # layer 0 head 0 stares at the first one
     scores = retrieval_score(top1, probe, answer, first_answer_step=1)
     assert scores[1, 2] == pytest.approx(1.0)
     assert scores[0, 0] == pytest.approx(1 / len(answer))
@@ -62,15 +63,31 @@ def test_quick_eval_end_to_end(server, qada_server, model_path, tmp_path):
     from evaluation.run import run
 
     before = httpx.get(qada_server.url + "/v1/qada/policy", headers=AUTH).json()
-    summary = run(qada_server.url, tmp_path, model_path, api_key=API_KEY, stock_url=server.url, quick=True,
-                  log=lambda line: print(line))
+    summary = run(
+        qada_server.url,
+        tmp_path,
+        model_path,
+        api_key=API_KEY,
+        stock_url=server.url,
+        quick=True,
+        log=lambda line: print(line),
+    )
     assert httpx.get(qada_server.url + "/v1/qada/policy", headers=AUTH).json() == before
 
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert rows and all(ROW_KEYS <= row.keys() for row in rows)
     families = {(e["family"], e["protocol"]) for e in summary["settings"]}
-    for family in ("full", "local", "oracle", "qada-prompt", "qada-local", "qada-calib",
-                   "static-oracle", "static-retrieval", "random"):
+    for family in (
+        "full",
+        "local",
+        "oracle",
+        "qada-prompt",
+        "qada-local",
+        "qada-calib",
+        "static-oracle",
+        "static-retrieval",
+        "random",
+    ):
         assert {(family, "prompt"), (family, "decode")} <= families
     for entry in summary["settings"]:
         assert SETTING_KEYS <= entry.keys() and 0 <= entry["accuracy"] <= 1

@@ -1,5 +1,6 @@
 """docker-compose, Prometheus and Grafana files: valid, consistent, and every dashboard query
 returns data from a real Prometheus (Debian's `prometheus`) scraping the real QAdA server."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -61,14 +62,18 @@ def test_compose_file_is_consistent():
 
 
 def test_compose_file_parses_with_docker_compose():
-    result = subprocess.run([tool("docker-compose"), "-f", str(DOCKER / "docker-compose.yml"),
-                             "config", "-q"], capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("docker-compose"), "-f", str(DOCKER / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
 
 
 def test_prometheus_config_is_valid():
-    result = subprocess.run([tool("promtool"), "check", "config", str(DOCKER / "prometheus.yml")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("promtool"), "check", "config", str(DOCKER / "prometheus.yml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -82,20 +87,25 @@ def test_dashboard_file_is_what_the_generator_writes():
 @pytest.fixture(scope="module")
 def prometheus(qada_server, tmp_path_factory):
     """A real Prometheus on loopback scraping the QAdA test server every second."""
-    server = Prometheus(tool("prometheus"), qada_server.url.removeprefix("http://"),
-                        tmp_path_factory.mktemp("prometheus"))
+    server = Prometheus(
+        tool("prometheus"), qada_server.url.removeprefix("http://"), tmp_path_factory.mktemp("prometheus")
+    )
     yield server.url
     server.stop()
 
 
 def test_every_dashboard_query_returns_data(prometheus, qada_server, qada_client):
-    httpx.put(qada_server.url + "/v1/qada/policy", json={"policy": "qada"},
-              headers={"Authorization": "Bearer sk-qada-test"}).raise_for_status()
+    httpx.put(
+        qada_server.url + "/v1/qada/policy",
+        json={"policy": "qada"},
+        headers={"Authorization": "Bearer sk-qada-test"},
+    ).raise_for_status()
     time.sleep(3)  # a first scrape before the traffic, so that rates see increases
     prompt = "A long letter about the weather in the mountains. " * 30
     for _ in range(6):
-        qada_client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=8,
-                                       extra_body={"ignore_eos": True})
+        qada_client.completions.create(
+            model=SERVED_NAME, prompt=prompt, max_tokens=8, extra_body={"ignore_eos": True}
+        )
     time.sleep(3)  # the last scrape after the traffic
     empty = []
     dashboard = load_dashboard_module()

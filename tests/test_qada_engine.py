@@ -2,6 +2,7 @@
 
 The stock server (`server`) is the reference; the QAdA server switches policies at run time.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,12 +34,16 @@ def stats(server) -> dict:
 
 def greedy_texts(server, prompts: list[str], max_tokens: int) -> list[str]:
     """All prompts at once, so the engine runs mixed prefill/decode batches."""
+
     async def run():
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
-                                    timeout=600)
-        return await asyncio.gather(*(
-            client.completions.create(model=SERVED_NAME, prompt=p, max_tokens=max_tokens,
-                                      temperature=0) for p in prompts))
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
+        return await asyncio.gather(
+            *(
+                client.completions.create(model=SERVED_NAME, prompt=p, max_tokens=max_tokens, temperature=0)
+                for p in prompts
+            )
+        )
+
     return [r.choices[0].text for r in asyncio.run(run())]
 
 
@@ -49,10 +54,15 @@ def haystack(model_path):
 
 def test_full_policy_is_token_identical_to_stock(server, qada_server, haystack):
     tokenizer, text = haystack
-    prompts = ["The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,",
-               "Once upon a time, in a small village,",
-               text[:1500], text[5000:9000],  # ~350 and ~900 tokens: chunked with the decodes
-               passkey_prompt(tokenizer, 1200, 0.3, "40713", text)]
+    prompts = [
+        "The capital of France is",
+        "def fibonacci(n):",
+        "1, 2, 3, 4,",
+        "Once upon a time, in a small village,",
+        text[:1500],
+        text[5000:9000],  # ~350 and ~900 tokens: chunked with the decodes
+        passkey_prompt(tokenizer, 1200, 0.3, "40713", text),
+    ]
     set_policy(qada_server, policy="full")
     before = stats(qada_server)
     ours = greedy_texts(qada_server, prompts, 24)
@@ -66,22 +76,30 @@ def test_full_policy_is_token_identical_to_stock(server, qada_server, haystack):
 
 
 @pytest.mark.parametrize("context, depth, passkey", [(4000, 0.5, "71432"), (7000, 0.2, "30917")])
-def test_qada_retrieves_passkey_with_mostly_local_groups(qada_server, qada_client, haystack,
-                                                         context, depth, passkey):
+def test_qada_retrieves_passkey_with_mostly_local_groups(
+    qada_server, qada_client, haystack, context, depth, passkey
+):
     tokenizer, text = haystack
     set_policy(qada_server)  # the shipped defaults
     before = stats(qada_server)
     reply = qada_client.completions.create(
-        model=SERVED_NAME, prompt=passkey_prompt(tokenizer, context, depth, passkey, text),
-        max_tokens=8, temperature=0)
+        model=SERVED_NAME,
+        prompt=passkey_prompt(tokenizer, context, depth, passkey, text),
+        max_tokens=8,
+        temperature=0,
+    )
     after = stats(qada_server)
-    delta = {level: {k: after[level][k] - before[level][k] for k in ("long", "local")}
-             for level in ("kv_group_decisions", "head_decisions")}
+    delta = {
+        level: {k: after[level][k] - before[level][k] for k in ("long", "local")}
+        for level in ("kv_group_decisions", "head_decisions")
+    }
     group_local = delta["kv_group_decisions"]["local"] / sum(delta["kv_group_decisions"].values())
     head_local = delta["head_decisions"]["local"] / sum(delta["head_decisions"].values())
-    print(f"\npasskey @ {context} tokens, depth {depth}: answer {reply.choices[0].text!r}; "
-          f"local fraction: KV groups {group_local:.3f}, query heads {head_local:.3f} "
-          f"(tau {DEFAULTS['tau']}, T_local {DEFAULTS['t_local']})")
+    print(
+        f"\npasskey @ {context} tokens, depth {depth}: answer {reply.choices[0].text!r}; "
+        f"local fraction: KV groups {group_local:.3f}, query heads {head_local:.3f} "
+        f"(tau {DEFAULTS['tau']}, T_local {DEFAULTS['t_local']})"
+    )
     assert passkey in reply.choices[0].text
     assert group_local > 0.5
 
@@ -89,8 +107,13 @@ def test_qada_retrieves_passkey_with_mostly_local_groups(qada_server, qada_clien
 def test_counters_are_exact(qada_server, qada_client):
     set_policy(qada_server, policy="random", random_fraction=0.5, seed=1, min_bulk=0)
     before = stats(qada_server)
-    reply = qada_client.completions.create(model=SERVED_NAME, prompt="Tell me a story. " * 60,
-                                           max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    reply = qada_client.completions.create(
+        model=SERVED_NAME,
+        prompt="Tell me a story. " * 60,
+        max_tokens=12,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     after = stats(qada_server)
     decode_steps = reply.usage.completion_tokens - 1  # the first token comes from the prefill
     layers, heads, groups = len(after["layers"]), after["num_heads"], after["num_kv_heads"]
@@ -104,13 +127,18 @@ def test_counters_are_exact(qada_server, qada_client):
     assert 0.3 < long / (decode_steps * layers * heads) < 0.7  # random at 0.5
 
 
-@pytest.mark.parametrize("policy, settings, expect_long", [
-    ("local", {}, 0.0), ("full", {}, 1.0), ("oracle", {}, None),
-    ("qada", {"stats": "local"}, None), ("static", {}, None),
-    ("qada", {"min_bulk": 10_000}, 1.0),  # less bulk than that in the step: read in full
-])
-def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, policy, settings,
-                             expect_long):
+@pytest.mark.parametrize(
+    "policy, settings, expect_long",
+    [
+        ("local", {}, 0.0),
+        ("full", {}, 1.0),
+        ("oracle", {}, None),
+        ("qada", {"stats": "local"}, None),
+        ("static", {}, None),
+        ("qada", {"min_bulk": 10_000}, 1.0),  # less bulk than that in the step: read in full
+    ],
+)
+def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, policy, settings, expect_long):
     if policy == "static":  # layer 1 (all heads) and head 0 of every layer are long
         heads = [[1, h] for h in range(9)] + [[layer, 0] for layer in range(30)]
         path = tmp_path / "heads.json"
@@ -119,8 +147,13 @@ def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, polic
     set_policy(qada_server, policy=policy, **{"min_bulk": 0, **settings})  # decide on this short prompt
     before = stats(qada_server)
     tokenizer, text = haystack
-    reply = qada_client.completions.create(model=SERVED_NAME, prompt=text[:2000] + "\n\nIn short,",
-                                           max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    reply = qada_client.completions.create(
+        model=SERVED_NAME,
+        prompt=text[:2000] + "\n\nIn short,",
+        max_tokens=6,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     assert reply.choices[0].text
     after = stats(qada_server)
     long = after["head_decisions"]["long"] - before["head_decisions"]["long"]
@@ -131,11 +164,17 @@ def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, polic
         assert long == 5 * (9 + 29)  # 5 decode steps x the 38 heads in the file
 
 
-@pytest.mark.parametrize("body, needle", [
-    ({"policy": "magic"}, "policy"), ({"tau": 2}, "tau"), ({"t_local": 0}, "t_local"),
-    ({"surprise": 1}, "surprise"), ({"policy": "static"}, "static_heads"),
-    ({"policy": "static", "static_heads": "/nonexistent.json"}, "nonexistent"),
-])
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"policy": "magic"}, "policy"),
+        ({"tau": 2}, "tau"),
+        ({"t_local": 0}, "t_local"),
+        ({"surprise": 1}, "surprise"),
+        ({"policy": "static"}, "static_heads"),
+        ({"policy": "static", "static_heads": "/nonexistent.json"}, "nonexistent"),
+    ],
+)
 def test_bad_policy_is_a_clear_400_and_changes_nothing(qada_server, qada_client, body, needle):
     current = set_policy(qada_server, policy="qada")
     reply = httpx.put(qada_server.url + "/v1/qada/policy", headers=AUTH, json=body)
@@ -149,20 +188,31 @@ def scrape(server) -> dict[tuple, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(server.url + "/metrics").text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def total(samples: dict, name: str, **labels) -> float:
-    return sum(v for (n, ls), v in samples.items()
-               if n == name and all(dict(ls).get(k) == want for k, want in labels.items()))
+    return sum(
+        v
+        for (n, ls), v in samples.items()
+        if n == name and all(dict(ls).get(k) == want for k, want in labels.items())
+    )
 
 
 def test_prometheus_metrics_count_every_decision_exactly(qada_server, qada_client):
     set_policy(qada_server, policy="qada")
     before = scrape(qada_server)
-    reply = qada_client.completions.create(model=SERVED_NAME, prompt="Write about the sea. " * 40,
-                                           max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    reply = qada_client.completions.create(
+        model=SERVED_NAME,
+        prompt="Write about the sea. " * 40,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
     after = scrape(qada_server)
     steps, prompt = reply.usage.completion_tokens - 1, reply.usage.prompt_tokens
     delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
@@ -171,8 +221,7 @@ def test_prometheus_metrics_count_every_decision_exactly(qada_server, qada_clien
     assert len({dict(ls)["layer"] for (n, ls) in after if n == "qada_head_decisions_total"}) == 30
     # fp32 K+V of one token of one KV head: 2 * 64 * 4 bytes; the sequence grows by one per step
     context = sum(prompt + i for i in range(1, steps + 1))
-    assert (delta("qada_kv_bytes_read_total") + delta("qada_kv_bytes_skipped_total")
-            == context * 30 * 3 * 512)
+    assert delta("qada_kv_bytes_read_total") + delta("qada_kv_bytes_skipped_total") == context * 30 * 3 * 512
     assert delta("qada_long_context_fraction_count") == steps  # one observation per engine step
     assert total(after, "qada_policy_info", policy="qada", tau="0.8") == 1
     assert total(after, "vllm:generation_tokens_total") > 0  # vLLM's own metrics still served
@@ -184,9 +233,14 @@ def test_per_request_stats_add_up_to_the_global_counters(qada_server, qada_clien
     plain = qada_client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=4)
     assert "qada" not in plain.model_dump()["usage"]  # off unless asked for
     before = stats(qada_server)
-    reply = qada_client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=9, temperature=0,
-                                           extra_body={"ignore_eos": True},
-                                           extra_headers={"X-QAdA-Stats": "1"})
+    reply = qada_client.completions.create(
+        model=SERVED_NAME,
+        prompt=prompt,
+        max_tokens=9,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+        extra_headers={"X-QAdA-Stats": "1"},
+    )
     after = stats(qada_server)
     mine = reply.model_dump()["usage"]["qada"]
     assert mine["decode_steps"] == reply.usage.completion_tokens - 1
@@ -195,8 +249,13 @@ def test_per_request_stats_add_up_to_the_global_counters(qada_server, qada_clien
     assert sum(mine["head_decisions"].values()) == mine["decode_steps"] * 30 * 9
 
     stream = qada_client.chat.completions.create(
-        model=SERVED_NAME, messages=[{"role": "user", "content": prompt}], max_tokens=6,
-        stream=True, stream_options={"include_usage": True}, extra_headers={"X-QAdA-Stats": "1"})
+        model=SERVED_NAME,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers={"X-QAdA-Stats": "1"},
+    )
     chunks = list(stream)
     assert any(c.choices and c.choices[0].delta.content for c in chunks)
     usage = chunks[-1].model_dump()["usage"]
@@ -209,9 +268,14 @@ def test_decision_trace_and_heatmap(qada_server, qada_client, tmp_path):
     import sys
 
     set_policy(qada_server, policy="qada")
-    reply = qada_client.completions.create(model=SERVED_NAME, prompt="A walk by the river. " * 40,
-                                           max_tokens=7, temperature=0, extra_body={"ignore_eos": True},
-                                           extra_headers={"X-QAdA-Stats": "1"})
+    reply = qada_client.completions.create(
+        model=SERVED_NAME,
+        prompt="A walk by the river. " * 40,
+        max_tokens=7,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+        extra_headers={"X-QAdA-Stats": "1"},
+    )
     trace = httpx.get(f"{qada_server.url}/v1/qada/requests/{reply.id}/decisions", headers=AUTH).json()
     steps = reply.usage.completion_tokens - 1
     assert len(trace["long"]) == steps and len(trace["long"][0]) == 30 and len(trace["long"][0][0]) == 9
@@ -222,8 +286,25 @@ def test_decision_trace_and_heatmap(qada_server, qada_client, tmp_path):
     assert missing.status_code == 404 and "cmpl-nope" in missing.json()["error"]["message"]
 
     out = tmp_path / "heatmap.png"
-    result = subprocess.run([sys.executable, "-m", "serving.cli", "heatmap", "--url", qada_server.url,
-                             "--api-key", API_KEY, "--prompt", "The river flows. " * 30,
-                             "--max-tokens", "6", "-o", str(out)], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli",
+            "heatmap",
+            "--url",
+            qada_server.url,
+            "--api-key",
+            API_KEY,
+            "--prompt",
+            "The river flows. " * 30,
+            "--max-tokens",
+            "6",
+            "-o",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000

@@ -1,4 +1,5 @@
 """OpenAI-compatible HTTP API of `qada serve`: real engine, real model, real client, loopback."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,27 +15,37 @@ GREEDY = dict(temperature=0.0, seed=0)
 
 def test_chat_answers_a_factual_question(client):
     reply = client.chat.completions.create(
-        model=SERVED_NAME, max_tokens=24, **GREEDY,
-        messages=[{"role": "system", "content": "Answer in one short sentence."},
-                  {"role": "user", "content": "What is the capital of France?"}],
+        model=SERVED_NAME,
+        max_tokens=24,
+        **GREEDY,
+        messages=[
+            {"role": "system", "content": "Answer in one short sentence."},
+            {"role": "user", "content": "What is the capital of France?"},
+        ],
     )
     assert "Paris" in reply.choices[0].message.content
     assert reply.usage.completion_tokens <= 24
 
 
 def test_completion_continues_greedily(client):
-    reply = client.completions.create(model=SERVED_NAME, prompt="The capital of France is",
-                                      max_tokens=8, **GREEDY)
+    reply = client.completions.create(
+        model=SERVED_NAME, prompt="The capital of France is", max_tokens=8, **GREEDY
+    )
     assert reply.choices[0].text.strip().startswith("Paris")
-    again = client.completions.create(model=SERVED_NAME, prompt="The capital of France is",
-                                      max_tokens=8, **GREEDY)
+    again = client.completions.create(
+        model=SERVED_NAME, prompt="The capital of France is", max_tokens=8, **GREEDY
+    )
     assert again.choices[0].text == reply.choices[0].text  # greedy is deterministic
 
 
 def test_streaming_yields_chunks_and_final_usage(client):
     stream = client.chat.completions.create(
-        model=SERVED_NAME, max_tokens=16, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": "Count from one to ten."}], **GREEDY,
+        model=SERVED_NAME,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Count from one to ten."}],
+        **GREEDY,
     )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -88,18 +99,25 @@ def test_prompt_longer_than_context_is_rejected(client, server):
 
 def test_unknown_model_is_404(client, server):
     with pytest.raises(openai.NotFoundError) as info:
-        client.chat.completions.create(model="no-such-model", max_tokens=4,
-                                       messages=[{"role": "user", "content": "hi"}])
+        client.chat.completions.create(
+            model="no-such-model", max_tokens=4, messages=[{"role": "user", "content": "hi"}]
+        )
     assert "no-such-model" in info.value.message
-    raw = httpx.post(server.url + "/v1/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                     json={"model": "no-such-model", "prompt": "hi"})
+    raw = httpx.post(
+        server.url + "/v1/completions",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": "no-such-model", "prompt": "hi"},
+    )
     _assert_openai_error(raw, 404)
     _still_serves(client)
 
 
 def test_malformed_json_is_400(client, server):
-    raw = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [',
-                     headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    raw = httpx.post(
+        server.url + "/v1/chat/completions",
+        content=b'{"model": "x", "messages": [',
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     assert "json" in _assert_openai_error(raw, 400).lower()
     _still_serves(client)
 
@@ -108,21 +126,27 @@ def test_wrong_api_key_is_401(client, server):
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
-    raw = httpx.post(server.url + "/v1/completions", headers={"Authorization": "Bearer sk-wrong"},
-                     json={"model": SERVED_NAME, "prompt": "hi"})
+    raw = httpx.post(
+        server.url + "/v1/completions",
+        headers={"Authorization": "Bearer sk-wrong"},
+        json={"model": SERVED_NAME, "prompt": "hi"},
+    )
     _assert_openai_error(raw, 401)
     _still_serves(client)
 
 
 def test_eight_concurrent_requests_complete(server):
     async def run() -> list:
-        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0,
-                                     timeout=300)
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=300)
         prompts = [f"Write a sentence about the number {i}." for i in range(8)]
-        return await asyncio.gather(*(
-            aclient.chat.completions.create(model=SERVED_NAME, max_tokens=16, **GREEDY,
-                                            messages=[{"role": "user", "content": p}])
-            for p in prompts))
+        return await asyncio.gather(
+            *(
+                aclient.chat.completions.create(
+                    model=SERVED_NAME, max_tokens=16, **GREEDY, messages=[{"role": "user", "content": p}]
+                )
+                for p in prompts
+            )
+        )
 
     replies = asyncio.run(run())
     assert len(replies) == 8

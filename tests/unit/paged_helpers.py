@@ -1,5 +1,6 @@
 """Builders for vLLM CPU ("vec") paged KV caches from contiguous per-sequence K/V, and
 contiguous references to check the paged kernels against."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -34,7 +35,9 @@ def write_tokens(
     num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
     pos = torch.arange(start, start + keys.shape[0])
     phys, offset = block_row[pos // block_size].long(), pos % block_size
-    key_cache.view(num_blocks, num_kv_heads, head_dim, block_size)[phys, :, :, offset] = keys.to(key_cache.dtype)
+    key_cache.view(num_blocks, num_kv_heads, head_dim, block_size)[phys, :, :, offset] = keys.to(
+        key_cache.dtype
+    )
     value_cache[phys, :, offset] = values.to(value_cache.dtype)
 
 
@@ -94,8 +97,17 @@ def make_case(
     num_heads = num_kv_heads * group
     magnitude = torch.empty(len(seq_lens), num_heads, 1).uniform_(0.3, 3.0, generator=gen)
     query = (torch.randn(len(seq_lens), num_heads, head_dim, generator=gen) * magnitude).to(dtype)
-    return PagedCase(query, keys, values, kv, key_cache, value_cache, table,
-                     torch.tensor(seq_lens, dtype=torch.int32), head_dim**-0.5)
+    return PagedCase(
+        query,
+        keys,
+        values,
+        kv,
+        key_cache,
+        value_cache,
+        table,
+        torch.tensor(seq_lens, dtype=torch.int32),
+        head_dim**-0.5,
+    )
 
 
 def local_positions(seq_len: int, t_sink: int, t_local: int) -> Tensor:
@@ -162,5 +174,6 @@ def relayout(case: PagedCase, run_lengths: list[int], seed: int = 0) -> PagedCas
         used += size + 1
     kv = case.kv[torch.cat(src)].contiguous()
     key_cache, value_cache = kv.chunk(2, dim=2)
-    return PagedCase(case.query, case.keys, case.values, kv, key_cache, value_cache, table,
-                     case.seq_lens, case.scale)
+    return PagedCase(
+        case.query, case.keys, case.values, kv, key_cache, value_cache, table, case.seq_lens, case.scale
+    )

@@ -1,5 +1,6 @@
 """The QAdA impl against vLLM's stock CPU impl on one mixed batch (decode rows first, then a fresh
 and a chunked prefill), with vLLM's own KV write and kernel, shuffled physical blocks."""
+
 from __future__ import annotations
 
 import json
@@ -31,21 +32,39 @@ T_SINK, T_LOCAL = 16, 128
 
 @pytest.fixture(scope="module")
 def vllm_config(model_path):
-    return EngineArgs(model=str(model_path), dtype="float32",
-                      additional_config={"qada": {"policy": "full"}}).create_engine_config()
+    return EngineArgs(
+        model=str(model_path), dtype="float32", additional_config={"qada": {"policy": "full"}}
+    ).create_engine_config()
 
 
 def metadata(seq_lens, query_lens, block_table, dtype) -> CPUAttentionMetadata:
     seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
     qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
     scheduler = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(seq_lens), num_heads=HQ, num_kv_heads=HKV, head_dim=D, seq_lens=seq_lens,
-        dtype=dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa="vec",
-        enable_kv_split=False, dynamic_causal=None, kv_cache_dtype="auto")
+        num_reqs=len(seq_lens),
+        num_heads=HQ,
+        num_kv_heads=HKV,
+        head_dim=D,
+        seq_lens=seq_lens,
+        dtype=dtype,
+        query_start_loc=qsl,
+        causal=True,
+        sliding_window_size=-1,
+        isa="vec",
+        enable_kv_split=False,
+        dynamic_causal=None,
+        kv_cache_dtype="auto",
+    )
     return CPUAttentionMetadata(
-        num_actual_tokens=int(qsl[-1]), max_query_len=max(query_lens), query_start_loc=qsl,
-        max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=block_table,
-        slot_mapping=torch.empty(0, dtype=torch.int64), scheduler_metadata=scheduler)
+        num_actual_tokens=int(qsl[-1]),
+        max_query_len=max(query_lens),
+        query_start_loc=qsl,
+        max_seq_len=int(seq_lens.max()),
+        seq_lens=seq_lens,
+        block_table=block_table,
+        slot_mapping=torch.empty(0, dtype=torch.int64),
+        scheduler_metadata=scheduler,
+    )
 
 
 def make_batch(block_size: int, dtype: torch.dtype, seed: int = 0):
@@ -66,24 +85,37 @@ def make_batch(block_size: int, dtype: torch.dtype, seed: int = 0):
         values.append(torch.randn(n, HKV, D, generator=gen).to(dtype))
         pos = torch.arange(n)
         slots.append(table[row, pos // block_size].long() * block_size + pos % block_size)
-    ops.cpu_attn_reshape_and_cache(torch.cat(keys), torch.cat(values), key_cache, value_cache,
-                                   torch.cat(slots), "vec", k_scale=1.0, v_scale=1.0,
-                                   kv_cache_dtype="auto")
+    ops.cpu_attn_reshape_and_cache(
+        torch.cat(keys),
+        torch.cat(values),
+        key_cache,
+        value_cache,
+        torch.cat(slots),
+        "vec",
+        k_scale=1.0,
+        v_scale=1.0,
+        kv_cache_dtype="auto",
+    )
     query = (torch.randn(sum(query_lens), HQ, D, generator=gen) * 2).to(dtype)
-    return SimpleNamespace(kv=kv, keys=keys, values=values, table=table, query=query,
-                           seq_lens=seq_lens, query_lens=query_lens)
+    return SimpleNamespace(
+        kv=kv, keys=keys, values=values, table=table, query=query, seq_lens=seq_lens, query_lens=query_lens
+    )
 
 
 def run_both(batch, vllm_config, dtype, settings: dict):
-    layer = SimpleNamespace(layer_name=f"model.layers.{LAYER}.self_attn.attn", isa="vec",
-                            _k_scale_float=1.0, _v_scale_float=1.0)
+    layer = SimpleNamespace(
+        layer_name=f"model.layers.{LAYER}.self_attn.attn", isa="vec", _k_scale_float=1.0, _v_scale_float=1.0
+    )
     nd = len(DECODE_LENS)
     stock_meta = metadata(batch.seq_lens, batch.query_lens, batch.table, dtype)
     ours_meta = QadaCPUMetadata(
-        num_decodes=nd, num_decode_tokens=nd,
+        num_decodes=nd,
+        num_decode_tokens=nd,
         decode_seq_lens=torch.tensor(DECODE_LENS, dtype=torch.int32),
-        decode_block_table=batch.table[:nd], decode_req_ids=[f"r{i}" for i in range(nd)],
-        prefill=metadata(batch.seq_lens[nd:], batch.query_lens[nd:], batch.table[nd:], dtype))
+        decode_block_table=batch.table[:nd],
+        decode_req_ids=[f"r{i}" for i in range(nd)],
+        prefill=metadata(batch.seq_lens[nd:], batch.query_lens[nd:], batch.table[nd:], dtype),
+    )
     with set_current_vllm_config(vllm_config):
         stock = CPUAttentionBackendImpl(HQ, D, D**-0.5, HKV, None, None, "auto")
         ours = QadaCPUImpl(HQ, D, D**-0.5, HKV, None, None, "auto")
@@ -104,8 +136,9 @@ def decode_reference(batch, row: int, long_groups: list[bool]) -> torch.Tensor:
     q = batch.query[row].float()[None, :, None]
     k = batch.keys[row].float().transpose(0, 1)[None]
     v = batch.values[row].float().transpose(0, 1)[None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[None, :, None], scale=D**-0.5,
-                                         enable_gqa=True)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[None, :, None], scale=D**-0.5, enable_gqa=True
+    )
     return out[0, :, 0]
 
 
@@ -127,8 +160,9 @@ def test_policy_local_decodes_sink_and_window_and_keeps_prefill_stock(vllm_confi
     nd = len(DECODE_LENS)
     torch.testing.assert_close(ours[nd:], stock[nd:], **TOL[torch.float32])
     for row in range(nd):
-        torch.testing.assert_close(ours[row], decode_reference(batch, row, [False] * HKV),
-                                   **TOL[torch.float32])
+        torch.testing.assert_close(
+            ours[row], decode_reference(batch, row, [False] * HKV), **TOL[torch.float32]
+        )
     assert not torch.allclose(ours[2], stock[2], atol=1e-3)  # 700 tokens: local really differs
 
 
@@ -136,8 +170,7 @@ def test_mixed_per_group_decisions_match_masked_reference(vllm_config, tmp_path)
     path = tmp_path / "heads.json"  # in layer LAYER, query head 4 (KV group 1) is long
     path.write_text(json.dumps({"num_layers": 30, "num_heads": HQ, "long_heads": [[LAYER, 4]]}))
     batch = make_batch(32, torch.float32, seed=2)
-    _, ours = run_both(batch, vllm_config, torch.float32,
-                       {"policy": "static", "static_heads": str(path)})
+    _, ours = run_both(batch, vllm_config, torch.float32, {"policy": "static", "static_heads": str(path)})
     for row in range(len(DECODE_LENS)):
         has_bulk = DECODE_LENS[row] > T_SINK + T_LOCAL
         expected = decode_reference(batch, row, [False, has_bulk, False])

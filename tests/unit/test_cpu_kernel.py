@@ -1,4 +1,5 @@
 """paged_decode against contiguous references (SDPA, and decisions recomputed from raw keys)."""
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,16 @@ def case(request: pytest.FixtureRequest) -> PagedCase:
 
 
 def decode(case: PagedCase, cfg: PolicyConfig, **kwargs):
-    return paged_decode(case.query, case.key_cache, case.value_cache, case.block_table,
-                        case.seq_lens, case.scale, cfg, **kwargs)
+    return paged_decode(
+        case.query,
+        case.key_cache,
+        case.value_cache,
+        case.block_table,
+        case.seq_lens,
+        case.scale,
+        cfg,
+        **kwargs,
+    )
 
 
 def n_bulk(case: PagedCase, t_sink: int = T_SINK, t_local: int = T_LOCAL) -> torch.Tensor:
@@ -103,10 +112,12 @@ def test_random_is_seeded_and_exact(case: PagedCase) -> None:
 def test_oracle_decisions(case: PagedCase) -> None:
     tau = 0.5
     result = decode(case, PolicyConfig(policy="oracle", tau=tau, t_sink=T_SINK, t_local=T_LOCAL))
-    log_ratio = torch.stack([
-        bulk.logsumexp(-1) - local.logsumexp(-1)
-        for local, bulk in (local_and_bulk_scores(case, b) for b in range(len(case.keys)))
-    ])
+    log_ratio = torch.stack(
+        [
+            bulk.logsumexp(-1) - local.logsumexp(-1)
+            for local, bulk in (local_and_bulk_scores(case, b) for b in range(len(case.keys)))
+        ]
+    )
     assert_decisions(case, result, log_ratio, tau)
     assert_matches_masked_reference(case, result)
 
@@ -117,8 +128,11 @@ def gaussian_log_ratio(case: PagedCase, b: int, n: float, mu, sigma, local) -> t
     group = case.query.shape[1] // case.num_kv_heads
     mu, sigma = mu.repeat_interleave(group, 0), sigma.repeat_interleave(group, 0)
     q = case.query[b].float()
-    est = ((math.log(n) if n > 0 else -math.inf) + case.scale * (q * mu).sum(-1)
-           + case.scale**2 * torch.einsum("hd,hde,he->h", q, sigma, q) / 2)
+    est = (
+        (math.log(n) if n > 0 else -math.inf)
+        + case.scale * (q * mu).sum(-1)
+        + case.scale**2 * torch.einsum("hd,hde,he->h", q, sigma, q) / 2
+    )
     return est - local.logsumexp(-1)
 
 
@@ -167,8 +181,7 @@ def test_qada_local_stats_decisions(case: PagedCase) -> None:
     rows = []
     for b in range(len(case.keys)):
         local, _ = local_and_bulk_scores(case, b)
-        est = (torch.tensor(float(n_bulk(case)[b])).log() + local.mean(-1)
-               + local.var(-1, unbiased=False) / 2)
+        est = torch.tensor(float(n_bulk(case)[b])).log() + local.mean(-1) + local.var(-1, unbiased=False) / 2
         rows.append(est - local.logsumexp(-1))
     assert_decisions(case, result, torch.stack(rows), tau)
     assert_matches_masked_reference(case, result)
@@ -215,8 +228,7 @@ def test_local_groups_never_read_bulk(case: PagedCase, policy: str) -> None:
 
 
 # Layouts of the block table: fully fragmented (make_case), one run per row, and mixed runs.
-LAYOUTS = {"shuffled": None, "contiguous": [10**6], "mixed": [1, 5, 1, 1, 40, 3, 2],
-           "pairs": [2, 1]}
+LAYOUTS = {"shuffled": None, "contiguous": [10**6], "mixed": [1, 5, 1, 1, 40, 3, 2], "pairs": [2, 1]}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -229,8 +241,9 @@ def test_block_layouts_agree(layout: str, dtype: torch.dtype, policy: str) -> No
     if LAYOUTS[layout] is not None:
         case = relayout(case, LAYOUTS[layout], seed=1)
     mask = torch.tensor([True, False, False, False, True, True])  # groups 0 and 2 long
-    result = decode(case, PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL, tau=0.5),
-                    static_mask=mask)
+    result = decode(
+        case, PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL, tau=0.5), static_mask=mask
+    )
     if policy == "full":
         expected = torch.stack([sdpa_row(case, b) for b in range(len(seq_lens))])
         torch.testing.assert_close(result.output.float(), expected, **tolerance(dtype))
@@ -275,8 +288,16 @@ def test_strided_query(policy: str) -> None:
     cfg = PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL)
     mask = torch.arange(heads) < 3
     expected = decode(case, cfg, static_mask=mask)
-    got = paged_decode(strided, case.key_cache, case.value_cache, case.block_table, case.seq_lens,
-                       case.scale, cfg, static_mask=mask)
+    got = paged_decode(
+        strided,
+        case.key_cache,
+        case.value_cache,
+        case.block_table,
+        case.seq_lens,
+        case.scale,
+        cfg,
+        static_mask=mask,
+    )
     torch.testing.assert_close(got.output, expected.output, rtol=0, atol=0)
 
 

@@ -1,5 +1,6 @@
 """The GPU backend cannot run without a GPU: check it imports on CPU, that the plugin registers
 it as CUSTOM on other platforms, and its per-request moment-row bookkeeping."""
+
 from __future__ import annotations
 
 import pytest

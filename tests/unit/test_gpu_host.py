@@ -1,6 +1,7 @@
 """The GPU backend's host logic run on CPU: vLLM's Triton builder and impl classes as the engine
 drives them, step after step, with the Triton kernel call replaced by a recorder that checks the
 key moments it is given against moments recomputed from the cache."""
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -35,7 +36,8 @@ class GpuHost:
         spec = FullAttentionSpec(block_size=BS, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
         with set_current_vllm_config(vllm_config):
             self.builder = gpu_backend.QadaTritonMetadataBuilder(
-                spec, [f"model.layers.{LAYER}.self_attn.attn"], vllm_config, torch.device("cpu"))
+                spec, [f"model.layers.{LAYER}.self_attn.attn"], vllm_config, torch.device("cpu")
+            )
             self.impl = gpu_backend.QadaTritonImpl(HQ, D, D**-0.5, HKV, None, None, "auto")
         gen = torch.Generator().manual_seed(0)
         physical = torch.randn(NUM_BLOCKS, BS, HKV, 2 * D, generator=gen) + 0.5
@@ -53,15 +55,20 @@ class GpuHost:
             n, s1, s2 = kwargs["moments"]
             rows = kwargs.get("moment_rows")
             rows = torch.arange(len(seq_lens)) if rows is None else rows
-            self.seen.append((list(self._step_req_ids), seq_lens.tolist(),
-                              (n[rows].clone(), s1[rows].clone(), s2[rows].clone()), cfg))
+            self.seen.append(
+                (
+                    list(self._step_req_ids),
+                    seq_lens.tolist(),
+                    (n[rows].clone(), s1[rows].clone(), s2[rows].clone()),
+                    cfg,
+                )
+            )
         batch = query.shape[0]
         long_heads = torch.zeros(batch, HQ, dtype=torch.bool)
         return DecodeResult(torch.zeros_like(query), long_heads, torch.zeros(batch, HKV, dtype=torch.bool))
 
     def configure(self, **settings) -> None:
-        WORKER_STATE.configure({"policy": "qada", "stats": "prompt", "t_sink": 4, "t_local": 32,
-                                **settings})
+        WORKER_STATE.configure({"policy": "qada", "stats": "prompt", "t_sink": 4, "t_local": 32, **settings})
 
     def step(self, rows: dict[str, int]) -> None:
         """One decode step: each request decodes its token at position length - 1."""
@@ -74,15 +81,22 @@ class GpuHost:
         cm = CommonAttentionMetadata(
             query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
             query_start_loc_cpu=torch.arange(batch + 1, dtype=torch.int32),
-            seq_lens=seq_lens, num_reqs=batch, num_actual_tokens=batch, max_query_len=1,
-            max_seq_len=int(seq_lens.max()), block_table_tensor=torch.stack([self.tables[r] for r in req_ids]),
-            slot_mapping=torch.zeros(batch, dtype=torch.int64))
+            seq_lens=seq_lens,
+            num_reqs=batch,
+            num_actual_tokens=batch,
+            max_query_len=1,
+            max_seq_len=int(seq_lens.max()),
+            block_table_tensor=torch.stack([self.tables[r] for r in req_ids]),
+            slot_mapping=torch.zeros(batch, dtype=torch.int64),
+        )
         WORKER_STATE.runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=req_ids))
         self._step_req_ids = req_ids
         meta = self.builder.build(0, cm)
         query = torch.randn(batch, HQ * D)
         output = torch.empty(batch, HQ * D)
-        self.impl.forward(self.layer, query, query[:, :HKV * D], query[:, :HKV * D], self.kv_cache, meta, output)
+        self.impl.forward(
+            self.layer, query, query[:, : HKV * D], query[:, : HKV * D], self.kv_cache, meta, output
+        )
         WORKER_STATE.counters.end_step()
 
     def expected_moments(self, req_id: str, seq_len: int, t_sink: int, t_local: int):

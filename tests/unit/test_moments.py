@@ -1,5 +1,6 @@
 """Bulk key moments read from the paged cache: from scratch, and kept by the MomentStore while
 tokens are appended one at a time and in bursts, across layers, shortened and finished requests."""
+
 from __future__ import annotations
 
 import pytest
@@ -44,7 +45,9 @@ def test_cache_layout_is_column_major_keys() -> None:
     assert raw[blk, head, 32 * 64 + j * 64 + dim] == case.values[0][pos, head, dim]
 
 
-@pytest.mark.parametrize("block_size,dtype", [(32, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "block_size,dtype", [(32, torch.float32), (64, torch.bfloat16), (128, torch.bfloat16)]
+)
 @pytest.mark.parametrize("start,end", [(0, 300), (16, 236), (17, 18), (100, 100), (128, 257)])
 def test_gather_keys(block_size: int, dtype: torch.dtype, start: int, end: int) -> None:
     case = make_case([300], num_kv_heads=3, group=1, block_size=block_size, dtype=dtype)
@@ -77,14 +80,21 @@ def test_store_while_decoding(block_size: int) -> None:
     and resumed chunks write them), one request shortened (recomputed), one finished and its slot
     reused by a new request, more requests than the initial capacity. Unwritten positions are NaN."""
     final = 420
-    case = make_case([final] * 10, num_kv_heads=2, group=1, block_size=block_size,
-                     dtype=torch.float32, seed=5)
+    case = make_case(
+        [final] * 10, num_kv_heads=2, group=1, block_size=block_size, dtype=torch.float32, seed=5
+    )
     case.kv.fill_(float("nan"))
     store = MomentStore()
     lengths = {0: 60, 1: 150, 2: 1}
     for row, length in lengths.items():
-        write_tokens(case.key_cache, case.value_cache, case.block_table[row], 0,
-                     case.keys[row][:length], case.values[row][:length])
+        write_tokens(
+            case.key_cache,
+            case.value_cache,
+            case.block_table[row],
+            0,
+            case.keys[row][:length],
+            case.values[row][:length],
+        )
     bursts = [1] * 90 + [7, 1, 30, 1, 1, 100] + [1] * 30
     for step, burst in enumerate(bursts):
         if step == 50:  # request 1 is recomputed from a shorter length
@@ -94,12 +104,24 @@ def test_store_while_decoding(block_size: int) -> None:
             del lengths[2]
             for row in range(3, 10):
                 lengths[row] = 200
-                write_tokens(case.key_cache, case.value_cache, case.block_table[row], 0,
-                             case.keys[row][:200], case.values[row][:200])
+                write_tokens(
+                    case.key_cache,
+                    case.value_cache,
+                    case.block_table[row],
+                    0,
+                    case.keys[row][:200],
+                    case.values[row][:200],
+                )
         for row, length in lengths.items():
             new = min(burst, final - length)
-            write_tokens(case.key_cache, case.value_cache, case.block_table[row], length,
-                         case.keys[row][length:length + new], case.values[row][length:length + new])
+            write_tokens(
+                case.key_cache,
+                case.value_cache,
+                case.block_table[row],
+                length,
+                case.keys[row][length : length + new],
+                case.values[row][length : length + new],
+            )
             lengths[row] = length + new
         rows = list(lengths)
         table = case.block_table[rows]

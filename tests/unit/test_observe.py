@@ -1,5 +1,6 @@
 """The evaluation-only observation (oracle decisions, top-1 positions) and what the counters make
 of it, against contiguous references."""
+
 import torch
 
 from attention_backend.observe import Observation, observe_decode
@@ -12,8 +13,9 @@ from paged_helpers import make_case
 def test_observation_matches_contiguous_scores():
     cfg = PolicyConfig(policy="qada", tau=0.6, t_sink=4, t_local=24)
     case = make_case([20, 90, 200], num_kv_heads=2, group=3, block_size=32, dtype=torch.float32)
-    obs = observe_decode(case.query, case.key_cache, case.block_table, case.seq_lens.tolist(),
-                         case.scale, cfg)
+    obs = observe_decode(
+        case.query, case.key_cache, case.block_table, case.seq_lens.tolist(), case.scale, cfg
+    )
     for b, keys in enumerate(case.keys):
         t = keys.shape[0]
         k = keys.repeat_interleave(3, dim=1)  # [t, Hq, D]
@@ -36,8 +38,16 @@ def test_counters_report_agreement_with_the_oracle():
     oracle = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
     top1 = torch.arange(12).view(2, 6)
     for layer in range(2):
-        counters.record(layer, ["a-1", "b-1"], policy, group_rule(policy, 2), torch.tensor([500, 500]),
-                        local_tokens=144, token_bytes=256, observation=Observation(oracle, top1))
+        counters.record(
+            layer,
+            ["a-1", "b-1"],
+            policy,
+            group_rule(policy, 2),
+            torch.tensor([500, 500]),
+            local_tokens=144,
+            token_bytes=256,
+            observation=Observation(oracle, top1),
+        )
     counters.end_step()
     a, b = counters.request("a")["oracle"], counters.request("b")["oracle"]
     # row a: heads long (policy) {0,1}, oracle {0}: 1 extra per layer; groups (3 heads each) agree

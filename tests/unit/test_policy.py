@@ -1,4 +1,5 @@
 """Decision rules on small hand-made tensors."""
+
 from __future__ import annotations
 
 import math
@@ -31,29 +32,35 @@ def inputs(seed: int = 0) -> dict:
     )
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(policy="nope"), "policy must be one of"),
-    (dict(stats="nope"), "stats must be one of"),
-    (dict(tau=0.0), "tau"),
-    (dict(tau=1.0), "tau"),
-    (dict(t_sink=-1), "t_sink"),
-    (dict(t_local=0), "t_local"),
-    (dict(random_fraction=1.5), "random_fraction"),
-    (dict(min_bulk=-1), "min_bulk"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(policy="nope"), "policy must be one of"),
+        (dict(stats="nope"), "stats must be one of"),
+        (dict(tau=0.0), "tau"),
+        (dict(tau=1.0), "tau"),
+        (dict(t_sink=-1), "t_sink"),
+        (dict(t_local=0), "t_local"),
+        (dict(random_fraction=1.5), "random_fraction"),
+        (dict(min_bulk=-1), "min_bulk"),
+    ],
+)
 def test_config_validation(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PolicyConfig(**kwargs)
 
 
-@pytest.mark.parametrize("policy,stats,missing", [
-    ("oracle", "prompt", "bulk_lse"),
-    ("qada", "prompt", "moments"),
-    ("qada", "calib", "calib"),
-    ("qada", "local", "local_score_stats"),
-    ("static", "prompt", "static_mask"),
-    ("random", "prompt", "generator"),
-])
+@pytest.mark.parametrize(
+    "policy,stats,missing",
+    [
+        ("oracle", "prompt", "bulk_lse"),
+        ("qada", "prompt", "moments"),
+        ("qada", "calib", "calib"),
+        ("qada", "local", "local_score_stats"),
+        ("static", "prompt", "static_mask"),
+        ("random", "prompt", "generator"),
+    ],
+)
 def test_missing_inputs_raise(policy: str, stats: str, missing: str) -> None:
     with pytest.raises(ValueError, match=missing):
         decide_long_heads(PolicyConfig(policy=policy, stats=stats), **inputs())
@@ -61,7 +68,9 @@ def test_missing_inputs_raise(policy: str, stats: str, missing: str) -> None:
 
 def test_static_mask_shape_is_checked() -> None:
     with pytest.raises(ValueError, match="static_mask"):
-        decide_long_heads(PolicyConfig(policy="static"), **inputs(), static_mask=torch.ones(HQ + 1, dtype=torch.bool))
+        decide_long_heads(
+            PolicyConfig(policy="static"), **inputs(), static_mask=torch.ones(HQ + 1, dtype=torch.bool)
+        )
 
 
 def test_full_local_static() -> None:
@@ -69,8 +78,9 @@ def test_full_local_static() -> None:
     assert torch.equal(decide_long_heads(PolicyConfig(policy="full"), **inputs()), has_bulk)
     assert not decide_long_heads(PolicyConfig(policy="local"), **inputs()).any()
     mask = torch.tensor([True, False, False, False, False, True])
-    assert torch.equal(decide_long_heads(PolicyConfig(policy="static"), **inputs(), static_mask=mask),
-                       mask & has_bulk)
+    assert torch.equal(
+        decide_long_heads(PolicyConfig(policy="static"), **inputs(), static_mask=mask), mask & has_bulk
+    )
 
 
 @pytest.mark.parametrize("tau", [0.1, 0.5, 0.9])
@@ -85,15 +95,18 @@ def test_oracle_thresholds_bulk_share(tau: float) -> None:
 def test_random_fraction_and_seed() -> None:
     args = inputs()
     draw = lambda fraction, seed: decide_long_heads(  # noqa: E731
-        PolicyConfig(policy="random", random_fraction=fraction), **args,
-        generator=torch.Generator().manual_seed(seed))
+        PolicyConfig(policy="random", random_fraction=fraction),
+        **args,
+        generator=torch.Generator().manual_seed(seed),
+    )
     assert torch.equal(draw(0.5, 1), draw(0.5, 1))
     assert not draw(0.0, 1).any()
     assert torch.equal(draw(1.0, 1), args["n_bulk"].gt(0).unsqueeze(1).expand(B, HQ))
-    big = decide_long_heads(PolicyConfig(policy="random", random_fraction=0.3),
-                            **{**args, "n_bulk": torch.ones(2000, dtype=torch.long),
-                               "query": torch.zeros(2000, HQ, D)},
-                            generator=torch.Generator().manual_seed(0))
+    big = decide_long_heads(
+        PolicyConfig(policy="random", random_fraction=0.3),
+        **{**args, "n_bulk": torch.ones(2000, dtype=torch.long), "query": torch.zeros(2000, HQ, D)},
+        generator=torch.Generator().manual_seed(0),
+    )
     assert abs(big.float().mean().item() - 0.3) < 0.02
 
 
@@ -130,7 +143,7 @@ def test_qada_formula_and_gqa_mapping() -> None:
     gen = torch.Generator().manual_seed(4)
     args = inputs(4)
     direction = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
-    args["query"][:, G:2 * G] = 3 * direction + 0.1 * torch.randn(B, G, D, generator=gen)
+    args["query"][:, G : 2 * G] = 3 * direction + 0.1 * torch.randn(B, G, D, generator=gen)
     mu, sigma = torch.zeros(HKV, D), torch.zeros(HKV, D, D)
     cfg = PolicyConfig(policy="qada", stats="calib", tau=0.5)
     # zero mean and variance: the estimate is log n_B
@@ -139,15 +152,16 @@ def test_qada_formula_and_gqa_mapping() -> None:
     assert torch.equal(base, (args["n_bulk"].float().log().unsqueeze(1) > args["local_lse"]) & has_bulk)
     mu[1] = 20 * direction  # group 1's queries now score the bulk far above their local sets
     changed = decide_long_heads(cfg, **args, calib=(mu, sigma))
-    assert torch.equal(changed[:, :G], base[:, :G]) and torch.equal(changed[:, 2 * G:], base[:, 2 * G:])
-    assert torch.equal(changed[:, G:2 * G], has_bulk.expand(B, G))
+    assert torch.equal(changed[:, :G], base[:, :G]) and torch.equal(changed[:, 2 * G :], base[:, 2 * G :])
+    assert torch.equal(changed[:, G : 2 * G], has_bulk.expand(B, G))
 
 
 def test_qada_local_stats_formula() -> None:
     args = inputs(5)
     mean, var = torch.randn(B, HQ), torch.rand(B, HQ)
-    long = decide_long_heads(PolicyConfig(policy="qada", stats="local", tau=0.7), **args,
-                             local_score_stats=(mean, var))
+    long = decide_long_heads(
+        PolicyConfig(policy="qada", stats="local", tau=0.7), **args, local_score_stats=(mean, var)
+    )
     estimate = args["n_bulk"].float().log().unsqueeze(1) + mean + var / 2
     expected = (estimate - args["local_lse"] > math.log(0.7 / 0.3)) & (args["n_bulk"] > 0).unsqueeze(1)
     assert torch.equal(long, expected)
@@ -157,17 +171,24 @@ def test_qada_local_stats_formula() -> None:
 def test_rows_without_bulk_are_local(policy: str) -> None:
     args = {**inputs(), "n_bulk": torch.zeros(B, dtype=torch.long), "local_lse": torch.full((B, HQ), -50.0)}
     long = decide_long_heads(
-        PolicyConfig(policy=policy, stats="local", random_fraction=1.0), **args,
-        bulk_lse=torch.zeros(B, HQ), local_score_stats=(torch.zeros(B, HQ), torch.zeros(B, HQ)),
-        static_mask=torch.ones(HQ, dtype=torch.bool), generator=torch.Generator(),
+        PolicyConfig(policy=policy, stats="local", random_fraction=1.0),
+        **args,
+        bulk_lse=torch.zeros(B, HQ),
+        local_score_stats=(torch.zeros(B, HQ), torch.zeros(B, HQ)),
+        static_mask=torch.ones(HQ, dtype=torch.bool),
+        generator=torch.Generator(),
     )
     assert not long.any()
 
 
 def test_group_rule_is_any_over_group() -> None:
-    long = torch.tensor([[False, False, True, False, False, False],
-                         [False, False, False, False, False, False],
-                         [True, True, True, True, False, True]])
+    long = torch.tensor(
+        [
+            [False, False, True, False, False, False],
+            [False, False, False, False, False, False],
+            [True, True, True, True, False, True],
+        ]
+    )
     assert group_rule(long, 2).tolist() == [[True, False], [False, False], [True, True]]
     assert torch.equal(group_rule(long, 6), long)
     with pytest.raises(ValueError, match="multiple"):

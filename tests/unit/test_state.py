@@ -1,5 +1,6 @@
 """Worker state: policy (re)configuration; moments dropped when the window changes or a request
 ends (the MomentStore itself is tested in test_moments.py)."""
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ without a GPU (see `triton_offline`): every policy and the shapes the GPU path p
 a cubin that uses tensor cores, pipelines its cache loads and spills no registers. The
 interpreter tests check the numbers; these check that the same source builds for the device.
 vLLM's own decode kernel, the GPU benchmark's reference, is built the same way."""
+
 from __future__ import annotations
 
 import os
@@ -21,21 +22,31 @@ from triton_offline import compile_only
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.vllm_unified import UnifiedDecode, installed_ops_dir, load  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1",
-                                reason="kernels are interpreted in this process")
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="kernels are interpreted in this process"
+)
 
 POLICIES = {name: PolicyConfig(**kw) for name, kw in KERNEL_TEST_POLICIES.items()}
 
 
-def compile_decode(cfg: PolicyConfig, group: int, head_dim: int, block_size: int, dtype: torch.dtype,
-                   arch: int = 90):
+def compile_decode(
+    cfg: PolicyConfig, group: int, head_dim: int, block_size: int, dtype: torch.dtype, arch: int = 90
+):
     """Run `qada_decode` (production tile) on an interpreter-test case with every launch compiled
     for sm_`arch` instead."""
     case = make_case([3 * block_size, 2 * block_size], 2, group, head_dim, block_size, dtype)
     kwargs, _ = policy_inputs(case, cfg)
     with compile_only(arch) as compiled:
-        qada_decode(case.query, case.key_cache, case.value_cache, case.block_table, case.seq_lens,
-                    case.scale, cfg, **kwargs)
+        qada_decode(
+            case.query,
+            case.key_cache,
+            case.value_cache,
+            case.block_table,
+            case.seq_lens,
+            case.scale,
+            cfg,
+            **kwargs,
+        )
     return {c.name: c for c in compiled}
 
 
@@ -62,7 +73,9 @@ def test_every_policy_builds_for_h100_at_llama_8b_shapes(policy: str) -> None:
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("group", [1, 3, 8])
-def test_promised_shapes_build_for_h100(dtype: torch.dtype, head_dim: int, block_size: int, group: int) -> None:
+def test_promised_shapes_build_for_h100(
+    dtype: torch.dtype, head_dim: int, block_size: int, group: int
+) -> None:
     kernels = compile_decode(POLICIES["qada-prompt"], group, head_dim, block_size, dtype)
     check_device_code(kernels, dtype)
 
@@ -85,5 +98,7 @@ def test_vllm_reference_kernel_builds_for_h100(batch: int) -> None:
     with compile_only(90) as compiled:
         decode(query, kv[..., :128], kv[..., 128:], table, seq_lens, 30, 128**-0.5, torch.empty_like(query))
     names = [c.name for c in compiled]
-    assert names == (["kernel_unified_attention", "reduce_segments"] if decode.uses_3d else ["kernel_unified_attention"])
+    assert names == (
+        ["kernel_unified_attention", "reduce_segments"] if decode.uses_3d else ["kernel_unified_attention"]
+    )
     assert all(c.resources()["LOCAL"] == 0 for c in compiled)

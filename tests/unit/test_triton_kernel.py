@@ -1,5 +1,6 @@
 """The Triton decode kernel (run by Triton's CPU interpreter) against the PyTorch reference, and
 the on-device moment update against a rebuild, over vLLM's Triton paged layout."""
+
 from __future__ import annotations
 
 import math
@@ -31,10 +32,23 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning") 
 @pytest.mark.skipif(INTERPRETED, reason="already in the interpreter")
 def test_in_triton_interpreter() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", "not test_in_triton_interpreter"],
-        cwd=Path(__file__).resolve().parents[2], env={**os.environ, "TRITON_INTERPRET": "1"},
-        capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "not test_in_triton_interpreter",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1]
 
@@ -54,8 +68,16 @@ class Case:
     scale: float
 
 
-def make_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int, block_size: int,
-              dtype: torch.dtype, seed: int = 0, capacity: list[int] | None = None) -> Case:
+def make_case(
+    seq_lens: list[int],
+    num_kv_heads: int,
+    group: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    seed: int = 0,
+    capacity: list[int] | None = None,
+) -> Case:
     """Random K/V in vLLM's NHD layout (K and V interleaved per token and head), physical blocks
     shuffled across rows, unwritten slots NaN. Keys get a per-KV-head offset and query heads
     random magnitudes, so decisions mix long and local."""
@@ -74,13 +96,16 @@ def make_case(seq_lens: list[int], num_kv_heads: int, group: int, head_dim: int,
         pos = torch.arange(length)
         blocks, offsets = table[b, pos // block_size].long(), pos % block_size
         offset = torch.randn(num_kv_heads, head_dim, generator=gen)
-        key_cache[blocks, offsets] = (torch.randn(length, num_kv_heads, head_dim, generator=gen) + offset).to(dtype)
+        key_cache[blocks, offsets] = (torch.randn(length, num_kv_heads, head_dim, generator=gen) + offset).to(
+            dtype
+        )
         value_cache[blocks, offsets] = torch.randn(length, num_kv_heads, head_dim, generator=gen).to(dtype)
     num_heads = num_kv_heads * group
     magnitude = torch.empty(len(seq_lens), num_heads, 1).uniform_(0.3, 3.0, generator=gen)
     query = (torch.randn(len(seq_lens), num_heads, head_dim, generator=gen) * magnitude).to(dtype)
-    return Case(query, key_cache, value_cache, table, torch.tensor(seq_lens, dtype=torch.int32),
-                head_dim**-0.5)
+    return Case(
+        query, key_cache, value_cache, table, torch.tensor(seq_lens, dtype=torch.int32), head_dim**-0.5
+    )
 
 
 # (seq_lens, Hkv, G, D, block_size, dtype). Lengths <= T_SINK + T_LOCAL = 20 are trivially local;
@@ -133,17 +158,37 @@ def run_kernel(case: Case, cfg: PolicyConfig, **kwargs):
     """Kernel result and its workspace, whose scratch starts NaN (so nothing unwritten passes)."""
     batch, num_heads, head_dim = case.query.shape
     num_kv_heads = case.key_cache.shape[2]
-    ws = tk.alloc_workspace(batch, num_kv_heads, num_heads // num_kv_heads, head_dim, SPLITS, case.query.device)
+    ws = tk.alloc_workspace(
+        batch, num_kv_heads, num_heads // num_kv_heads, head_dim, SPLITS, case.query.device
+    )
     for t in ws.values():
         t.fill_(math.nan if t.is_floating_point() else 7)
-    result = tk.qada_decode(case.query, case.key_cache, case.value_cache, case.block_table,
-                            case.seq_lens, case.scale, cfg, tile=TILE, workspace=ws, **kwargs)
+    result = tk.qada_decode(
+        case.query,
+        case.key_cache,
+        case.value_cache,
+        case.block_table,
+        case.seq_lens,
+        case.scale,
+        cfg,
+        tile=TILE,
+        workspace=ws,
+        **kwargs,
+    )
     return result, ws
 
 
 def run_reference(case: Case, cfg: PolicyConfig, **kwargs):
-    return reference_decode(case.query, case.key_cache, case.value_cache, case.block_table,
-                            case.seq_lens, case.scale, cfg, **kwargs)
+    return reference_decode(
+        case.query,
+        case.key_cache,
+        case.value_cache,
+        case.block_table,
+        case.seq_lens,
+        case.scale,
+        cfg,
+        **kwargs,
+    )
 
 
 def separating_tau(log_ratio: Tensor, has_bulk: Tensor) -> tuple[float, float]:
@@ -194,8 +239,9 @@ def test_kernel_matches_reference(case_id: str, policy: str) -> None:
 @interpreted
 def test_local_groups_never_read_their_bulk() -> None:
     """NaN in every bulk-only block of the KV heads of local groups changes nothing."""
-    case = make_case([300, 170], num_kv_heads=3, group=2, head_dim=64, block_size=16,
-                     dtype=torch.float16, seed=3)
+    case = make_case(
+        [300, 170], num_kv_heads=3, group=2, head_dim=64, block_size=16, dtype=torch.float16, seed=3
+    )
     cfg = PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL)
     mask = torch.tensor([False, False, True, False, False, False])  # only KV head 1 is long
     before, _ = run_kernel(case, cfg, long_mask=mask)
@@ -213,11 +259,14 @@ def test_local_groups_never_read_their_bulk() -> None:
 
 @interpreted
 def test_moments_build_matches_gathered_keys() -> None:
-    case = make_case([90, 20, 21, 47], num_kv_heads=2, group=1, head_dim=64, block_size=16,
-                     dtype=torch.bfloat16, seed=4)
+    case = make_case(
+        [90, 20, 21, 47], num_kv_heads=2, group=1, head_dim=64, block_size=16, dtype=torch.bfloat16, seed=4
+    )
     n, s1, s2 = build_key_moments(case.key_cache, case.block_table, case.seq_lens, T_SINK, T_LOCAL, chunk=32)
     for b, length in enumerate(case.seq_lens.tolist()):
-        keys = gather_row(case.key_cache, case.block_table[b], 0, length)[~local_mask(length, T_SINK, T_LOCAL)]
+        keys = gather_row(case.key_cache, case.block_table[b], 0, length)[
+            ~local_mask(length, T_SINK, T_LOCAL)
+        ]
         assert n[b] == keys.shape[0] == max(length - T_SINK - T_LOCAL, 0)
         torch.testing.assert_close(s1[b], keys.sum(0))
         torch.testing.assert_close(s2[b], torch.einsum("nhd,nhe->hde", keys, keys))
@@ -228,17 +277,28 @@ def test_moments_advance_matches_rebuild() -> None:
     """Decode steps append a token per row; advancing each step equals rebuilding at the end.
     Row 1 starts without bulk and gains one; moments live in shuffled pool rows."""
     start, steps = [60, 12, 33], 14
-    full = make_case([s + steps for s in start], num_kv_heads=2, group=1, head_dim=64,
-                     block_size=16, dtype=torch.float32, seed=6)
+    full = make_case(
+        [s + steps for s in start],
+        num_kv_heads=2,
+        group=1,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.float32,
+        seed=6,
+    )
     lens = torch.tensor(start, dtype=torch.int32)
     pool_rows = torch.tensor([2, 0, 3])
-    n, s1, s2 = (torch.zeros(4, *t.shape[1:], dtype=t.dtype) for t in
-                 build_key_moments(full.key_cache, full.block_table, lens, T_SINK, T_LOCAL))
+    n, s1, s2 = (
+        torch.zeros(4, *t.shape[1:], dtype=t.dtype)
+        for t in build_key_moments(full.key_cache, full.block_table, lens, T_SINK, T_LOCAL)
+    )
     built = build_key_moments(full.key_cache, full.block_table, lens, T_SINK, T_LOCAL)
     n[pool_rows], s1[pool_rows], s2[pool_rows] = built
     for _ in range(steps):
         lens += 1  # the new token's K/V is already in the cache, as in vLLM's forward
-        advance_key_moments(n, s1, s2, full.key_cache, full.block_table, lens, T_SINK, T_LOCAL, rows=pool_rows)
+        advance_key_moments(
+            n, s1, s2, full.key_cache, full.block_table, lens, T_SINK, T_LOCAL, rows=pool_rows
+        )
     want = build_key_moments(full.key_cache, full.block_table, lens, T_SINK, T_LOCAL)
     assert torch.equal(n[pool_rows], want[0])
     torch.testing.assert_close(s1[pool_rows], want[1])
@@ -251,4 +311,3 @@ def test_moments_advance_matches_rebuild() -> None:
     rebuilt, _ = run_kernel(query_case, cfg, moments=want)
     assert torch.equal(pooled.long_heads, rebuilt.long_heads)
     torch.testing.assert_close(pooled.output, rebuilt.output)
-

@@ -7,6 +7,7 @@ tensors), each launch compiles exactly the specialisation it would run on the de
 returns without running. This catches what the interpreter cannot: type and layout errors of the
 real code generator, tensor-core lowering, register spills.
 """
+
 from __future__ import annotations
 
 import re
@@ -38,9 +39,13 @@ class Compiled:
         with tempfile.TemporaryDirectory() as tmp:
             cubin = Path(tmp) / f"{self.name}.cubin"
             cubin.write_bytes(self.kernel.asm["cubin"])
-            text = subprocess.run([str(bin_dir / "cuobjdump"), "-res-usage", str(cubin)],
-                                  capture_output=True, text=True, check=True).stdout
-        line = text[text.index(f"Function {self.name}:"):].splitlines()[1]
+            text = subprocess.run(
+                [str(bin_dir / "cuobjdump"), "-res-usage", str(cubin)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        line = text[text.index(f"Function {self.name}:") :].splitlines()[1]
         return {k: int(v) for k, v in re.findall(r"(\w+(?:\[\d+\])?):(\d+)", line)}
 
 
@@ -73,6 +78,7 @@ def compile_only(arch: int = 90) -> Iterator[list[Compiled]]:
             kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
             compiled.append(Compiled(self.fn.__name__, kernel))
             return kernel
+
         return go
 
     saved = driver._active
