@@ -1,54 +1,113 @@
-"""Per-(row, query head) long/local decisions for QAdA decoding.
+"""Per-(row, query head) long/local decisions for QAdA decoding, and the host-side definitions
+every path shares (the CPU kernel, the Triton kernel's comments, the references, the counters).
 
-A head is "long" when the bulk of its context (positions outside the sinks and the local
-window) may carry more than a share `tau` of its softmax mass. All functions here work on small
-per-head tensors; reading the KV cache is the kernel's job.
+A decode row of length L, whose current token is at position L - 1, splits its context into
+- the local set: the sinks, positions [0, t_sink), and the window, positions > L - 1 - t_local;
+- the bulk: everything else, positions [t_sink, L - t_local).
+A head is "long" when the bulk may carry more than a share `tau` of its softmax mass; a KV group
+is read in full when any of its query heads is long. All functions here work on small per-head
+tensors; reading the KV cache is the kernels' job.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
-POLICIES = ("oracle", "qada", "static", "full", "local", "random")
-STATS_SOURCES = ("prompt", "calib", "local")
+if TYPE_CHECKING:
+    from .settings import QadaSettings
 
 
-@dataclass(frozen=True)
-class PolicyConfig:
-    policy: str = "qada"
-    tau: float = 0.8
-    t_sink: int = 16
-    t_local: int = 128
-    stats: str = "prompt"
-    random_fraction: float = 0.5
-    seed: int = 0
-    # A decode step whose rows' bulks add up to fewer tokens reads them all (heads count as long):
-    # on CPU the decision's fixed cost per layer exceeds the read it could save there. 0: decide.
-    min_bulk: int = 0
+class DecodeBatch(NamedTuple):
+    """One layer's decode step over a paged KV cache, as the kernels and references take it."""
 
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.stats not in STATS_SOURCES:
-            raise ValueError(f"stats must be one of {STATS_SOURCES}, got {self.stats!r}")
-        if not 0.0 < self.tau < 1.0:
-            raise ValueError(f"tau must be in (0, 1), got {self.tau}")
-        if self.t_sink < 0:
-            raise ValueError(f"t_sink must be >= 0, got {self.t_sink}")
-        if self.t_local < 1:
-            raise ValueError(f"t_local must be >= 1, got {self.t_local}")
-        if not 0.0 <= self.random_fraction <= 1.0:
-            raise ValueError(f"random_fraction must be in [0, 1], got {self.random_fraction}")
-        if self.min_bulk < 0:
-            raise ValueError(f"min_bulk must be >= 0, got {self.min_bulk}")
+    query: Tensor  # [B, Hq, D], one query per row (strided rows allowed)
+    key_cache: Tensor  # in the kernel's layout (`kv_layout`)
+    value_cache: Tensor
+    block_table: Tensor  # [B, max_blocks]
+    seq_lens: Tensor  # [B], including the current token (its K/V is in the cache already)
+    scale: float
 
-    @property
-    def logit_tau(self) -> float:
-        return math.log(self.tau / (1.0 - self.tau))
+
+class DecodeResult(NamedTuple):
+    """One layer's decode step, from either kernel."""
+
+    output: Tensor  # [B, Hq, D], query dtype
+    long_heads: Tensor  # [B, Hq] bool
+    long_groups: Tensor  # [B, Hkv] bool
+
+
+class Moments(NamedTuple):
+    """Bulk-key moments of the decode rows: n [B] int64, S1 = sum k [R, Hkv, D] and
+    S2 = sum k k^T [R, Hkv, D, D] (fp32). With `rows` [B], row b's sums are S1[rows[b]] of a
+    pool of R; without, R = B."""
+
+    n: Tensor
+    s1: Tensor
+    s2: Tensor
+    rows: Tensor | None = None
+
+    def per_row(self) -> Moments:
+        if self.rows is None:
+            return self
+        return Moments(self.n, self.s1.index_select(0, self.rows), self.s2.index_select(0, self.rows))
+
+
+class PolicyInputs(NamedTuple):
+    """What a policy reads besides the query and the cache: bulk-key moments (qada/prompt),
+    calibrated statistics mu [Hkv, D] and sigma [Hkv, D, D] (qada/calib), or the decisions as a
+    mask, [Hq] or [B, Hq] (static, random). The settings' `needs_*` properties say which."""
+
+    moments: Moments | None = None
+    calib: tuple[Tensor, Tensor] | None = None
+    long_mask: Tensor | None = None
+
+    def to_cpu(self) -> PolicyInputs:
+        return PolicyInputs(
+            None if self.moments is None else Moments(*(t.cpu() for t in self.moments.per_row()[:3])),
+            None if self.calib is None else tuple(t.cpu() for t in self.calib),
+            None if self.long_mask is None else self.long_mask.cpu(),
+        )
+
+
+NO_INPUTS = PolicyInputs()
+
+
+def bulk_range(seq_len: int, t_sink: int, t_local: int) -> tuple[int, int]:
+    """Half-open bulk positions [start, end) of a row of length `seq_len`; empty when end == start."""
+    return t_sink, max(t_sink, seq_len - t_local)
+
+
+def bulk_sizes(seq_lens: Tensor, settings: QadaSettings) -> Tensor:
+    """[B] int64: the number of bulk positions of each row."""
+    return (seq_lens.long() - settings.t_sink - settings.t_local).clamp(min=0)
+
+
+def local_mask(positions: Tensor, seq_lens: Tensor | int, t_sink: int, t_local: int) -> Tensor:
+    """Bool, the shape of `positions`: which positions of rows of length `seq_lens` (broadcast
+    against them) are in the local set. Positions >= the length are not."""
+    last = seq_lens - 1
+    return ((positions < t_sink) | (positions > last - t_local)) & (positions <= last)
+
+
+def score_stats(scores: Tensor, valid: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    """Mean and population variance of `scores` over `dims`, counting only `valid` entries (qada's
+    `local` statistics, over the local set)."""
+    count = valid.sum(dims)
+    mean = torch.where(valid, scores, 0.0).sum(dims) / count
+    dev = (scores - mean.view(_keepdim_shape(scores.shape, dims))).square()
+    return mean, torch.where(valid, dev, 0.0).sum(dims) / count
+
+
+def _keepdim_shape(shape: torch.Size, dims: tuple[int, ...]) -> list[int]:
+    return [1 if i in dims or i - len(shape) in dims else n for i, n in enumerate(shape)]
+
+
+def random_long_mask(fraction: float, batch: int, num_heads: int, generator: torch.Generator) -> Tensor:
+    """Bool [B, Hq]: the random policy's draw for one layer of one step, on the host."""
+    return torch.rand(batch, num_heads, generator=generator) < fraction
 
 
 def _grouped(query: Tensor, num_kv_heads: int) -> Tensor:
@@ -59,11 +118,10 @@ def _grouped(query: Tensor, num_kv_heads: int) -> Tensor:
     return query.float().view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
 
 
-def score_moments_from_key_moments(
-    query: Tensor, scale: float, n: Tensor, s1: Tensor, s2: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Mean and variance [B, Hq] of the scores `scale * q.k` over keys with moments
-    n [B], S1 = sum k [B, Hkv, D], S2 = sum k k^T [B, Hkv, D, D] (population variance)."""
+def score_moments_from_key_moments(query: Tensor, scale: float, moments: Moments) -> tuple[Tensor, Tensor]:
+    """Mean and variance [B, Hq] of the scores `scale * q.k` over the keys whose moments are given
+    (population variance)."""
+    n, s1, s2, _ = moments.per_row()
     q = _grouped(query, s1.shape[1])
     count = n.float().clamp(min=1.0).view(-1, 1, 1)
     q_mu = torch.einsum("bkgd,bkd->bkg", q, s1) / count
@@ -88,90 +146,70 @@ def gaussian_bulk_lse(n_bulk: Tensor, score_mean: Tensor, score_var: Tensor) -> 
 
 
 def estimated_bulk_lse(
-    cfg: PolicyConfig,
-    *,
-    n_bulk: Tensor,
+    settings: QadaSettings,
     query: Tensor,
     scale: float,
+    n_bulk: Tensor,
     num_kv_heads: int,
-    moments: tuple[Tensor, Tensor, Tensor] | None = None,
-    calib: tuple[Tensor, Tensor] | None = None,
+    inputs: PolicyInputs,
     local_score_stats: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
-    """QAdA's estimate [B, Hq] of the bulk log-mass, from the statistics source `cfg.stats`."""
-    if cfg.stats == "prompt":
-        _require(moments, "moments", "qada/prompt")
-        n, s1, s2 = moments
-        if s1.shape[1] != num_kv_heads:
-            raise ValueError(f"moments have {s1.shape[1]} KV heads, expected {num_kv_heads}")
-        mean, var = score_moments_from_key_moments(query, scale, n, s1, s2)
-    elif cfg.stats == "calib":
-        _require(calib, "calib", "qada/calib")
-        mu, sigma = calib
+    """QAdA's estimate [B, Hq] of the bulk log-mass, from the statistics source `settings.stats`."""
+    if settings.needs_moments:
+        moments = _require(inputs.moments, "moments", "qada/prompt")
+        if moments.s1.shape[1] != num_kv_heads:
+            raise ValueError(f"moments have {moments.s1.shape[1]} KV heads, expected {num_kv_heads}")
+        mean, var = score_moments_from_key_moments(query, scale, moments)
+    elif settings.needs_calib:
+        mu, sigma = _require(inputs.calib, "calib", "qada/calib")
         if mu.shape[0] != num_kv_heads:
             raise ValueError(f"calib has {mu.shape[0]} KV heads, expected {num_kv_heads}")
         mean, var = score_moments_from_gaussian(query, scale, mu, sigma)
     else:
-        _require(local_score_stats, "local_score_stats", "qada/local")
-        mean, var = local_score_stats
+        mean, var = _require(local_score_stats, "local_score_stats", "qada/local")
     return gaussian_bulk_lse(n_bulk, mean, var)
 
 
 def decide_long_heads(
-    cfg: PolicyConfig,
-    *,
-    local_lse: Tensor | None = None,
-    n_bulk: Tensor,
+    settings: QadaSettings,
     query: Tensor,
     scale: float,
+    n_bulk: Tensor,
     num_kv_heads: int,
+    inputs: PolicyInputs = NO_INPUTS,
+    *,
+    local_lse: Tensor | None = None,
     bulk_lse: Tensor | None = None,
-    moments: tuple[Tensor, Tensor, Tensor] | None = None,
-    calib: tuple[Tensor, Tensor] | None = None,
     local_score_stats: tuple[Tensor, Tensor] | None = None,
-    static_mask: Tensor | None = None,
-    generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Bool [B, Hq]: which query heads need the bulk. Heads of rows with n_bulk == 0 are local;
-    when the rows' bulks add up to fewer than cfg.min_bulk tokens, all the others are long.
+    """Bool [B, Hq]: which query heads need the bulk. Heads of rows with n_bulk == 0 are local.
 
-    local_lse [B, Hq] is needed by oracle and qada, bulk_lse [B, Hq] by oracle; moments /
-    calib / local_score_stats by qada depending on cfg.stats; static_mask [Hq] by static;
-    generator by random.
+    The kernel's own measurements: local_lse [B, Hq] (oracle, qada), the exact bulk_lse [B, Hq]
+    (oracle), the local scores' statistics (qada/local); the rest comes in `inputs`.
     """
     batch, num_heads, _ = query.shape
-    policy = cfg.policy
-    if policy == "full":
+    if settings.given_mask:
+        long_mask = _require(inputs.long_mask, "long_mask", settings.policy)
+        if long_mask.shape not in ((num_heads,), (batch, num_heads)):
+            raise ValueError(
+                f"long_mask must have shape ({num_heads},) or ({batch}, {num_heads}), "
+                f"got {tuple(long_mask.shape)}"
+            )
+        long = long_mask.to(torch.bool).expand(batch, num_heads)
+    elif settings.policy == "full":
         long = torch.ones(batch, num_heads, dtype=torch.bool)
-    elif policy == "local":
+    elif settings.policy == "local":
         long = torch.zeros(batch, num_heads, dtype=torch.bool)
-    elif policy == "static":
-        _require(static_mask, "static_mask", policy)
-        if static_mask.shape != (num_heads,):
-            raise ValueError(f"static_mask must have shape ({num_heads},), got {tuple(static_mask.shape)}")
-        long = static_mask.to(torch.bool).unsqueeze(0).expand(batch, num_heads)
-    elif policy == "random":
-        _require(generator, "generator", policy)
-        long = torch.rand(batch, num_heads, generator=generator) < cfg.random_fraction
     else:
-        _require(local_lse, "local_lse", policy)
-        if policy == "oracle":
-            _require(bulk_lse, "bulk_lse", policy)
+        _require(local_lse, "local_lse", settings.policy)
+        if settings.needs_exact_bulk:
+            _require(bulk_lse, "bulk_lse", settings.policy)
         else:
             bulk_lse = estimated_bulk_lse(
-                cfg,
-                n_bulk=n_bulk,
-                query=query,
-                scale=scale,
-                num_kv_heads=num_kv_heads,
-                moments=moments,
-                calib=calib,
-                local_score_stats=local_score_stats,
+                settings, query, scale, n_bulk, num_kv_heads, inputs, local_score_stats
             )
-        long = bulk_lse - local_lse > cfg.logit_tau
-    if cfg.min_bulk and int(n_bulk.sum()) < cfg.min_bulk:
-        long = torch.ones_like(long)
-    return long & (n_bulk > 0).unsqueeze(1)
+        long = bulk_lse - local_lse > settings.logit_tau
+    return long & (n_bulk > 0).unsqueeze(1).to(long.device)
 
 
 def group_rule(long_heads: Tensor, num_kv_heads: int) -> Tensor:
@@ -182,6 +220,14 @@ def group_rule(long_heads: Tensor, num_kv_heads: int) -> Tensor:
     return long_heads.view(batch, num_kv_heads, -1).any(-1)
 
 
-def _require(value: object, name: str, policy: str) -> None:
+def reads_everything(n_bulk: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor]:
+    """The (long heads [B, Hq], long groups [B, Hkv]) of rows that are not decided: long wherever
+    there is a bulk."""
+    has_bulk = (n_bulk > 0).unsqueeze(1)
+    return has_bulk.expand(-1, num_heads), has_bulk.expand(-1, num_kv_heads)
+
+
+def _require(value, name: str, policy: str):
     if value is None:
         raise ValueError(f"policy {policy!r} needs `{name}`, which was not given")
+    return value
