@@ -38,3 +38,17 @@ POLICY = Gauge(
     ["policy", "stats", "tau", "t_sink", "t_local"],
     multiprocess_mode="mostrecent",
 )
+
+
+def policy_changed(old, new) -> None:
+    """Mark `new` (QadaSettings) as the active policy, and `old` (or None) as no longer active."""
+    for settings, value in ((old, 0), (new, 1)):
+        if settings is not None:
+            labels = (
+                settings.policy,
+                settings.stats,
+                f"{settings.tau:g}",
+                str(settings.t_sink),
+                str(settings.t_local),
+            )
+            POLICY.labels(*labels).set(value)

@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smollm2-cpu.yaml"
 
@@ -19,10 +20,16 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
+    from serving.launcher import serve
+
+    serve(serve_config(args), args.cache_dir)
+
+
+def serve_config(args: argparse.Namespace):
+    """The ServeConfig `qada serve ARGS` runs: the file, then flags and --set on top of it."""
     import yaml
 
     from serving.config import ConfigError, load_config
-    from serving.launcher import serve
 
     overrides = {
         "model": args.model,
@@ -31,12 +38,8 @@ def _serve(args: argparse.Namespace) -> None:
         "port": args.port,
         "api_key": args.api_key,
         "engine.max_model_len": args.max_model_len,
-        "attention.enabled": True if args.policy else None,
-        "attention.policy": args.policy,
-        "attention.tau": args.tau,
-        "attention.t_sink": args.t_sink,
-        "attention.t_local": args.t_local,
-        "attention.stats": args.stats,
+        "attention.enabled": True if getattr(args, "attention.policy") else None,
+        **{key: value for key, value in vars(args).items() if key.startswith("attention.")},
     }
     for item in args.set:
         key, sep, value = item.partition("=")
@@ -46,7 +49,7 @@ def _serve(args: argparse.Namespace) -> None:
     cfg = load_config(args.config, overrides)
     if args.vllm_args:
         cfg.engine.extra_args = cfg.engine.extra_args + args.vllm_args
-    serve(cfg, args.cache_dir)
+    return cfg
 
 
 def _heatmap(args: argparse.Namespace) -> None:
@@ -73,18 +76,9 @@ def _eval_run(args: argparse.Namespace) -> None:
         "taus": args.taus,
         "fractions": args.fractions,
     }
-    summary = run(
-        args.url,
-        Path(args.out),
-        model_dir,
-        cache_dir=args.cache_dir,
-        api_key=args.api_key,
-        stock_url=args.stock_url,
-        quick=args.quick,
-        protocols=args.protocols,
-        overrides=overrides,
-        command="qada " + " ".join(sys.argv[1:]),
-    )
+    options = {key: getattr(args, key) for key in ("cache_dir", "api_key", "stock_url", "quick", "protocols")}
+    command = "qada " + " ".join(sys.argv[1:])
+    summary = run(args.url, Path(args.out), model_dir, overrides=overrides, command=command, **options)
     print(f"{args.out}: {summary['probes']} probes in {summary['wall_s']} s")
 
 
@@ -94,6 +88,33 @@ def _eval_report(args: argparse.Namespace) -> None:
     print(
         write_report([Path(d) for d in args.runs], Path(args.docs), Path(args.notes) if args.notes else None)
     )
+
+
+def _add_attention_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per QAdA setting (`--t-local` sets attention.t_local); `--policy` also enables
+    the QAdA backend."""
+    from attention_backend.settings import QadaSettings
+
+    group = parser.add_argument_group("QAdA attention (the config's `attention` section)")
+    for name, field in QadaSettings.model_fields.items():
+        kwargs = {
+            "dest": f"attention.{name}",
+            "default": None,
+            "help": field.description,
+            "metavar": name.upper(),
+        }
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        if choices:
+            kwargs.update(choices=choices, metavar=None)
+        elif field.annotation is bool:
+            kwargs.update(action=argparse.BooleanOptionalAction, metavar=None)
+        else:
+            kwargs["type"] = next(
+                t for t in (int, float, str) if t in (field.annotation, *get_args(field.annotation))
+            )
+        if name == "policy":
+            kwargs["help"] = f"enable QAdA attention with this policy ({field.description})"
+        group.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,13 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int)
     srv.add_argument("--api-key")
     srv.add_argument("--max-model-len", type=int)
-    srv.add_argument(
-        "--policy", help="enable QAdA attention with this policy (oracle, qada, static, full, local, random)"
-    )
-    srv.add_argument("--tau", type=float)
-    srv.add_argument("--t-sink", type=int)
-    srv.add_argument("--t-local", type=int)
-    srv.add_argument("--stats", help="qada statistics source: prompt, calib, local")
+    _add_attention_flags(srv)
     srv.add_argument(
         "--set",
         action="append",

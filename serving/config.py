@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attention_backend.policy import POLICIES, STATS_SOURCES
+from attention_backend.settings import QadaSettings
 
 
 class ConfigError(ValueError):
@@ -33,36 +33,15 @@ class EngineConfig(_Strict):
     extra_args: list[str] = Field(default_factory=list, description="passed verbatim to vLLM")
 
 
-class AttentionConfig(_Strict):
-    """QAdA settings; ``enabled: false`` serves with vLLM's stock attention backend."""
+class AttentionConfig(QadaSettings):
+    """The `attention` section: QAdA's settings, and whether to use them at all (``enabled:
+    false`` serves with vLLM's stock attention backend)."""
 
-    enabled: bool = False
-    policy: Literal[POLICIES] = "qada"  # type: ignore[valid-type]
-    tau: float = Field(0.8, gt=0, lt=1)
-    t_sink: int = Field(16, ge=0)
-    t_local: int = Field(128, ge=1)
-    stats: Literal[STATS_SOURCES] = "prompt"  # type: ignore[valid-type]
-    random_fraction: float = Field(0.5, ge=0, le=1)
-    static_heads: str | None = Field(None, description="JSON file of long heads, for policy static")
-    calib: str | None = Field(None, description="statistics file, for stats calib")
-    seed: int = 0
-    min_bulk: int = Field(
-        0,
-        ge=0,
-        description="CPU: a decode step whose bulks add up to fewer "
-        "tokens reads everything instead of deciding (deciding costs more there)",
-    )
-    observe: bool = Field(
-        False,
-        description="evaluation only: also compute the oracle's "
-        "decisions and top-1 positions from all keys (full-attention cost)",
-    )
-    decode_tail: int = Field(
-        0,
-        ge=0,
-        description="evaluation only: also run the last N prompt "
-        "tokens through the decode path (prefill stays exact before them)",
-    )
+    enabled: bool = Field(False, description="use the QAdA attention backend")
+
+    def settings(self) -> QadaSettings:
+        """What the worker applies (everything but `enabled`)."""
+        return QadaSettings.model_validate(self.model_dump(exclude={"enabled"}))
 
 
 class ServeConfig(_Strict):

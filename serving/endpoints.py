@@ -44,7 +44,7 @@ async def put_policy(request: Request):
         return _error(409, "QAdA attention is not enabled on this server (attention.enabled: false)")
     try:
         body = await request.json()
-        settings = AttentionConfig.model_validate({**body, "enabled": True}).model_dump()
+        settings = AttentionConfig.model_validate({**body, "enabled": True}).settings().model_dump()
     except ValueError as exc:  # malformed JSON or ValidationError
         detail = describe(exc) if isinstance(exc, ValidationError) else str(exc)
         return _error(400, f"invalid policy: {detail}")

@@ -66,7 +66,7 @@ def vllm_command(cfg: ServeConfig, model_path: Path, on_cpu: bool = True) -> lis
     if cfg.api_key:
         args += ["--api-key", cfg.api_key]
     if cfg.attention.enabled:
-        args += ["--additional-config", json.dumps({"qada": cfg.attention.model_dump()})]
+        args += ["--additional-config", json.dumps({"qada": cfg.attention.settings().model_dump()})]
         if on_cpu:  # the CPU platform overrides CPU_ATTN and ignores --attention-backend
             args += ["--worker-cls", "attention_backend.worker.QadaCPUWorker"]
         else:  # the plugin registers CUSTOM on GPU

@@ -1,0 +1,182 @@
+"""The QAdA settings: one model for the `attention` section of a config, the body of
+`PUT /v1/qada/policy`, the `qada serve` flags and what the worker applies.
+
+`QadaSettings` is immutable: a policy change builds a new one and the worker swaps it in whole
+(`ActivePolicy`, with the files it names loaded), between engine steps. What a policy needs from
+the rest of the backend is asked through its properties (`needs_moments`, ...), never by
+comparing policy names elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from .policy import PolicyInputs, random_long_mask
+
+POLICIES = ("oracle", "qada", "static", "full", "local", "random")
+STATS_SOURCES = ("prompt", "calib", "local")
+
+
+class QadaSettings(BaseModel):
+    """QAdA's per-head long/local decision and what it reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    policy: Literal[POLICIES] = Field(  # type: ignore[valid-type]
+        "qada", description="oracle, qada, static, full, local or random"
+    )
+    tau: float = Field(0.8, gt=0, lt=1, description="threshold on the bulk's share of softmax mass")
+    t_sink: int = Field(16, ge=0, description="sink tokens (the first positions) every head reads")
+    t_local: int = Field(128, ge=1, description="recent tokens every head reads")
+    stats: Literal[STATS_SOURCES] = Field(  # type: ignore[valid-type]
+        "prompt", description="qada's key statistics: prompt, calib or local"
+    )
+    random_fraction: float = Field(0.5, ge=0, le=1, description="long share of heads for random")
+    seed: int = Field(0, description="seed of the random policy's draws")
+    min_bulk: int = Field(
+        0,
+        ge=0,
+        description="a decode step whose bulks add up to fewer tokens reads everything instead of "
+        "deciding (deciding costs more than such a read on CPU)",
+    )
+    static_heads: str | None = Field(None, description="JSON file of long heads, for static")
+    calib: str | None = Field(None, description="key statistics file (safetensors), for calib")
+    observe: bool = Field(
+        False,
+        description="evaluation only: also compute the oracle's decisions and top-1 positions "
+        "from all keys (full-attention cost)",
+    )
+    decode_tail: int = Field(
+        0,
+        ge=0,
+        description="evaluation only: also run the last N prompt tokens through the decode path "
+        "(prefill stays exact before them)",
+    )
+
+    def replace(self, **changes) -> QadaSettings:
+        """A validated copy with `changes` applied."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    @property
+    def logit_tau(self) -> float:
+        """A head is long when log(bulk mass / local mass) exceeds this: logit(tau)."""
+        return math.log(self.tau / (1.0 - self.tau))
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """(t_sink, t_local): what the bulk of a sequence is, and so what key moments cover."""
+        return self.t_sink, self.t_local
+
+    @property
+    def decides(self) -> bool:
+        """Whether decode rows are decided at all (`full` reads everything, as stock vLLM)."""
+        return self.policy != "full"
+
+    @property
+    def estimates_bulk(self) -> bool:
+        """qada: the bulk mass is estimated from key or score statistics."""
+        return self.policy == "qada"
+
+    @property
+    def needs_moments(self) -> bool:
+        """Per-request bulk-key moments (qada's `prompt` statistics)."""
+        return self.estimates_bulk and self.stats == "prompt"
+
+    @property
+    def needs_calib(self) -> bool:
+        """Calibrated key statistics per layer (qada's `calib` statistics)."""
+        return self.estimates_bulk and self.stats == "calib"
+
+    @property
+    def needs_local_score_stats(self) -> bool:
+        """Mean and variance of the local scores (qada's `local` statistics)."""
+        return self.estimates_bulk and self.stats == "local"
+
+    @property
+    def needs_exact_bulk(self) -> bool:
+        """The exact bulk mass of every head (the oracle: reads the whole cache)."""
+        return self.policy == "oracle"
+
+    @property
+    def needs_head_mask(self) -> bool:
+        """A fixed set of long heads per layer (static)."""
+        return self.policy == "static"
+
+    @property
+    def needs_generator(self) -> bool:
+        """A seeded random draw per step (random)."""
+        return self.policy == "random"
+
+    @property
+    def given_mask(self) -> bool:
+        """Decisions that come as a mask (static, random) rather than from scores."""
+        return self.needs_head_mask or self.needs_generator
+
+
+def settings_from_vllm_config(additional_config: dict | None) -> QadaSettings:
+    """The launch settings, from vLLM's `--additional-config '{"qada": {...}}'`."""
+    return QadaSettings.model_validate((additional_config or {}).get("qada") or {})
+
+
+@dataclass(frozen=True)
+class ActivePolicy:
+    """The settings in force, with the files they name loaded: built whole and swapped whole."""
+
+    settings: QadaSettings
+    static_heads: Tensor | None = None  # bool [layers, Hq]
+    calib: tuple[Tensor, Tensor] | None = None  # mu [layers, Hkv, D], sigma [layers, Hkv, D, D]
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def load(cls, settings: QadaSettings, device: torch.device | str = "cpu") -> ActivePolicy:
+        """Read the files the settings name (onto the worker's `device`, once)."""
+        if settings.needs_head_mask and settings.static_heads is None:
+            raise ValueError("policy 'static' needs static_heads: a JSON file of long heads")
+        if settings.needs_calib and settings.calib is None:
+            raise ValueError("stats 'calib' needs calib: a safetensors file with mu and sigma")
+        static_heads = calib = generator = None
+        if settings.needs_head_mask:
+            static_heads = _load_static_heads(settings.static_heads).to(device)
+        if settings.needs_calib:
+            calib = tuple(t.to(device) for t in _load_calib(settings.calib))
+        if settings.needs_generator:  # drawn on the host: the same draws on every platform
+            generator = torch.Generator().manual_seed(settings.seed)
+        return cls(settings, static_heads, calib, generator)
+
+    def layer_inputs(self, layer: int, batch: int, num_heads: int, device: torch.device) -> PolicyInputs:
+        """This layer's policy inputs for a step of `batch` rows (the moments are the worker's
+        per-request store's): calib (mu [Hkv, D], sigma [Hkv, D, D]), or the long mask (bool [Hq]
+        for static; [B, Hq], drawn now, for random)."""
+        if self.calib is not None:
+            return PolicyInputs(calib=(self.calib[0][layer], self.calib[1][layer]))
+        if self.static_heads is not None:
+            return PolicyInputs(long_mask=self.static_heads[layer])
+        if self.generator is not None:
+            mask = random_long_mask(self.settings.random_fraction, batch, num_heads, self.generator)
+            return PolicyInputs(long_mask=mask.to(device, non_blocking=True))
+        return PolicyInputs()
+
+
+def _load_static_heads(path: str) -> Tensor:
+    """JSON {"num_layers": L, "num_heads": H, "long_heads": [[layer, head], ...]} -> bool [L, H]."""
+    with open(path) as f:
+        spec = json.load(f)
+    mask = torch.zeros(spec["num_layers"], spec["num_heads"], dtype=torch.bool)
+    for layer, head in spec["long_heads"]:
+        mask[layer, head] = True
+    return mask
+
+
+def _load_calib(path: str) -> tuple[Tensor, Tensor]:
+    """safetensors with mu [L, Hkv, D] and sigma [L, Hkv, D, D]."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    return tensors["mu"].float(), tensors["sigma"].float()
