@@ -1,0 +1,130 @@
+"""The explicit per-step context of the worker (as nano-vllm's `set_context` / `reset_context`).
+
+The worker's `execute_model` sets it before vLLM runs a step and resets it in `finally`; the
+attention builder and the layers read it, and nothing in it outlives the step: the policy in
+force for the whole step, the process's per-request moment store, the model runner (the batch's
+request ids and prompt lengths) and the decisions the layers made, which the worker counts once
+when the step ends (`StepDecisions`, one host sync per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .moments import MomentStore
+from .policy import group_rule
+from .reference import Observation
+from .settings import ActivePolicy
+
+NO_WORKER = (
+    "QAdA needs its worker class to know the batch's requests: start vLLM with --worker-cls "
+    "attention_backend.worker.QadaCPUWorker (GPU: attention_backend.gpu_worker.QadaGPUWorker); "
+    "`qada serve` does"
+)
+
+
+@dataclass
+class LayerDecisions:
+    """One layer's decisions for the decode rows of a step."""
+
+    layer: int
+    req_ids: list[str]  # the decode rows' requests
+    seq_lens: Tensor  # [rows]
+    long_heads: Tensor  # [rows, Hq] bool
+    long_groups: Tensor  # [rows, Hkv] bool
+    token_bytes: int  # K + V bytes of one token of one KV head
+    observation: Observation | None = None
+
+
+@dataclass
+class StepDecisions:
+    """A step's decisions, all layers side by side, on the host."""
+
+    req_ids: list[str]
+    layers: list[int]
+    seq_lens: Tensor  # [rows] int64
+    heads: Tensor  # [rows, layers, Hq] bool
+    groups: Tensor  # [rows, layers, Hkv] bool
+    token_bytes: int
+    local_tokens: int  # t_sink + t_local: what a local group reads at most
+    oracle_heads: Tensor | None = None  # with observe: [rows, layers, Hq]
+    oracle_groups: Tensor | None = None  # [rows, layers, Hkv]
+    top1: Tensor | None = None  # [rows, layers, Hq] int64
+
+    @property
+    def num_heads(self) -> int:
+        return self.heads.shape[2]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.groups.shape[2]
+
+
+@dataclass
+class StepContext:
+    policy: ActivePolicy
+    moments: MomentStore
+    runner: object  # vLLM's (V1) model runner: its persistent `input_batch` is in batch order
+    decisions: list[LayerDecisions] = field(default_factory=list)
+
+    def batch_req_ids(self, num_rows: int) -> list[str]:
+        """Ids of the first `num_rows` rows of the batch being built (batch order)."""
+        return list(self._input_batch().req_ids[:num_rows])
+
+    def num_prompt_tokens(self):
+        """Prompt length of each batch row (array)."""
+        return self._input_batch().num_prompt_tokens
+
+    def _input_batch(self):
+        batch = getattr(self.runner, "input_batch", None)
+        if batch is None:
+            raise RuntimeError(
+                f"QAdA reads request ids from vLLM's V1 model runner, not {type(self.runner).__name__}: "
+                "set VLLM_USE_V2_MODEL_RUNNER=0 (`qada serve` does)"
+            )
+        return batch
+
+    def step_decisions(self) -> StepDecisions | None:
+        """The layers' decisions stacked (None if no layer decoded this step)."""
+        if not self.decisions:
+            return None
+        first = self.decisions[0]
+        heads = torch.stack([d.long_heads for d in self.decisions], dim=1).cpu()
+        groups = torch.stack([d.long_groups for d in self.decisions], dim=1).cpu()
+        step = StepDecisions(
+            req_ids=first.req_ids,
+            layers=[d.layer for d in self.decisions],
+            seq_lens=first.seq_lens.long().cpu(),
+            heads=heads,
+            groups=groups,
+            token_bytes=first.token_bytes,
+            local_tokens=self.policy.settings.t_sink + self.policy.settings.t_local,
+        )
+        if all(d.observation is not None for d in self.decisions):
+            oracle = torch.stack([d.observation.oracle_long for d in self.decisions], dim=1).cpu()
+            rows, layers, _ = oracle.shape
+            step.oracle_heads = oracle
+            step.oracle_groups = group_rule(oracle.flatten(0, 1), groups.shape[2]).view(rows, layers, -1)
+            step.top1 = torch.stack([d.observation.top1 for d in self.decisions], dim=1).cpu()
+        return step
+
+
+_CONTEXT: StepContext | None = None
+
+
+def set_step_context(context: StepContext) -> None:
+    global _CONTEXT
+    _CONTEXT = context
+
+
+def get_step_context() -> StepContext | None:
+    """The running step's context; None outside a step (profile and warm-up runs)."""
+    return _CONTEXT
+
+
+def reset_step_context() -> None:
+    global _CONTEXT
+    _CONTEXT = None

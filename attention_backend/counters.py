@@ -1,0 +1,87 @@
+"""Running totals of the decode-time decisions, per layer, mirrored into Prometheus (`metrics`).
+
+The worker adds each step's decisions once (`DecisionCounters.add`); `/v1/qada/stats` reads
+`snapshot()` and `/metrics` serves the Prometheus side.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+
+from . import metrics
+from .context import StepDecisions
+
+
+class DecisionCounters:
+    """Exact decode-time decision counts per layer: rows decoded, query heads judged long, KV
+    groups read in full (the totals are rows x heads and rows x groups), KV bytes the decisions
+    required and skipped. With `observe`, also per (layer, query head): rows observed, and how
+    often the oracle, the policy, and both said long."""
+
+    FIELDS = ("rows", "long_heads", "long_groups", "kv_bytes_read", "kv_bytes_skipped")
+
+    def __init__(self) -> None:
+        self.num_heads = 0
+        self.num_kv_heads = 0
+        self.layers: dict[int, dict[str, int]] = defaultdict(lambda: dict.fromkeys(self.FIELDS, 0))
+        self.observed: dict[int, Tensor] = {}  # layer -> int64 [4, Hq]
+
+    def add(self, step: StepDecisions) -> None:
+        """Count one engine step: per layer, and its long-context fraction."""
+        self.num_heads, self.num_kv_heads = step.num_heads, step.num_kv_heads
+        rows = step.heads.shape[0]
+        lengths = step.seq_lens.view(-1, 1, 1)
+        tokens_read = torch.where(step.groups, lengths, lengths.clamp(max=step.local_tokens)).sum((0, 2))
+        tokens_all = int(lengths.sum()) * self.num_kv_heads
+        per_layer = zip(
+            step.layers,
+            step.heads.sum((0, 2)).tolist(),
+            step.groups.sum((0, 2)).tolist(),
+            tokens_read.tolist(),
+        )
+        for layer, n_heads, n_groups, read in per_layer:
+            read, skipped = read * step.token_bytes, (tokens_all - read) * step.token_bytes
+            counts = self.layers[layer]
+            counts["rows"] += rows
+            counts["long_heads"] += n_heads
+            counts["long_groups"] += n_groups
+            counts["kv_bytes_read"] += read
+            counts["kv_bytes_skipped"] += skipped
+            label = str(layer)
+            for level, long, total in (
+                ("head", n_heads, rows * self.num_heads),
+                ("kv_group", n_groups, rows * self.num_kv_heads),
+            ):
+                metrics.HEAD_DECISIONS.labels("long", level, label).inc(long)
+                metrics.HEAD_DECISIONS.labels("local", level, label).inc(total - long)
+            metrics.KV_BYTES_READ.labels(label).inc(read)
+            metrics.KV_BYTES_SKIPPED.labels(label).inc(skipped)
+        metrics.LONG_CONTEXT_FRACTION.observe(int(step.groups.sum()) / step.groups.numel())
+        if step.oracle_heads is not None:
+            for i, layer in enumerate(step.layers):
+                oracle, heads = step.oracle_heads[:, i], step.heads[:, i]
+                counts = torch.stack(
+                    [
+                        torch.full((self.num_heads,), rows),
+                        oracle.sum(0),
+                        heads.sum(0),
+                        (oracle & heads).sum(0),
+                    ]
+                )
+                self.observed[layer] = self.observed.get(layer, torch.zeros_like(counts)) + counts
+
+    def snapshot(self) -> dict:
+        out = {
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "layers": {layer: dict(counts) for layer, counts in sorted(self.layers.items())},
+        }
+        if self.observed:
+            out["observed"] = {  # per layer, lists over query heads
+                layer: dict(zip(("rows", "oracle_long", "policy_long", "both_long"), counts.tolist()))
+                for layer, counts in sorted(self.observed.items())
+            }
+        return out

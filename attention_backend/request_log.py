@@ -1,0 +1,132 @@
+"""Per-request decisions: counts for `usage.qada` and per-token traces for the heatmap route,
+kept for the most recent engine requests and looked up by API request id."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, fields
+
+from torch import Tensor
+
+from .context import StepDecisions
+
+
+@dataclass
+class RequestDecisions:
+    decode_steps: int = 0
+    heads: int = 0
+    long_heads: int = 0
+    groups: int = 0
+    long_groups: int = 0
+    # with `observe`: the oracle's decisions at the same tau, and the policy's disagreements
+    observed_steps: int = 0
+    oracle_long_heads: int = 0
+    missed_long_heads: int = 0  # oracle long, policy local (false negatives)
+    extra_long_heads: int = 0  # policy long, oracle local (false positives)
+    oracle_long_groups: int = 0
+    missed_long_groups: int = 0
+    extra_long_groups: int = 0
+
+    def add(self, heads: Tensor, groups: Tensor, oracle: tuple[Tensor, Tensor] | None) -> None:
+        """One decode step: heads [layers, Hq] and groups [layers, Hkv] long (bool), and the
+        oracle's (heads, groups) with observe."""
+        self.decode_steps += 1
+        self.heads += heads.numel()
+        self.long_heads += int(heads.sum())
+        self.groups += groups.numel()
+        self.long_groups += int(groups.sum())
+        if oracle is not None:
+            oracle_heads, oracle_groups = oracle
+            self.observed_steps += 1
+            self.oracle_long_heads += int(oracle_heads.sum())
+            self.missed_long_heads += int((oracle_heads & ~heads).sum())
+            self.extra_long_heads += int((heads & ~oracle_heads).sum())
+            self.oracle_long_groups += int(oracle_groups.sum())
+            self.missed_long_groups += int((oracle_groups & ~groups).sum())
+            self.extra_long_groups += int((groups & ~oracle_groups).sum())
+
+    def merge(self, other: RequestDecisions) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict:
+        out = {
+            "decode_steps": self.decode_steps,
+            "head_decisions": {"long": self.long_heads, "local": self.heads - self.long_heads},
+            "kv_group_decisions": {"long": self.long_groups, "local": self.groups - self.long_groups},
+        }
+        if self.observed_steps:
+            out["oracle"] = {
+                "decode_steps": self.observed_steps,
+                "head_decisions": {
+                    "long": self.oracle_long_heads,
+                    "missed": self.missed_long_heads,
+                    "extra": self.extra_long_heads,
+                },
+                "kv_group_decisions": {
+                    "long": self.oracle_long_groups,
+                    "missed": self.missed_long_groups,
+                    "extra": self.extra_long_groups,
+                },
+            }
+        return out
+
+
+class RequestLog:
+    """Decision counts of the most recent `max_requests` engine requests, and per-token traces
+    of the most recent `max_traces` (each at most `max_trace_steps` long)."""
+
+    def __init__(self, max_requests: int = 4096, max_traces: int = 16, max_trace_steps: int = 2048) -> None:
+        self.max_requests, self.max_traces, self.max_trace_steps = max_requests, max_traces, max_trace_steps
+        self.decisions: OrderedDict[str, RequestDecisions] = OrderedDict()
+        self.traces: OrderedDict[str, list[dict]] = OrderedDict()
+        self.num_heads = 0
+
+    def add(self, step: StepDecisions) -> None:
+        """Attribute a step's decisions to its rows' requests (a prompt-tail request may have
+        several rows: each is one decode step of it)."""
+        self.num_heads = step.num_heads
+        observed = step.oracle_heads is not None
+        for row, req_id in enumerate(step.req_ids):
+            entry = self.decisions.pop(req_id, None) or RequestDecisions()
+            oracle = (step.oracle_heads[row], step.oracle_groups[row]) if observed else None
+            entry.add(step.heads[row], step.groups[row], oracle)
+            self.decisions[req_id] = entry  # most recently used last
+            trace = self.traces.pop(req_id, [])
+            if len(trace) < self.max_trace_steps:
+                record = {"long": step.heads[row].clone()}
+                if observed:
+                    record.update(oracle=step.oracle_heads[row].clone(), top1=step.top1[row].clone())
+                trace.append(record)
+            self.traces[req_id] = trace
+        for table, limit in ((self.decisions, self.max_requests), (self.traces, self.max_traces)):
+            while len(table) > limit:
+                table.popitem(last=False)
+
+    def request(self, prefix: str) -> dict:
+        """Decisions of the engine requests whose id starts with `prefix` + "-" (one API request
+        may fan out into several, e.g. completions with several prompts)."""
+        total = RequestDecisions()
+        for req_id, entry in self.decisions.items():
+            if req_id.startswith(prefix + "-"):
+                total.merge(entry)
+        return total.as_dict()
+
+    def trace(self, prefix: str) -> dict | None:
+        """Per decode step, which (layer, query head) went long, for the first engine request of
+        the API request `prefix`; None if it is not among the most recent ones. Observed steps
+        also give the oracle's decisions and each head's top-1 attended position."""
+        req_id = next((r for r in self.traces if r.startswith(prefix + "-")), None)
+        if req_id is None:
+            return None
+        steps = self.traces[req_id]
+        out = {
+            "request_id": req_id,
+            "num_layers": steps[0]["long"].shape[0] if steps else 0,
+            "num_heads": self.num_heads,
+            "long": [step["long"].int().tolist() for step in steps],
+        }
+        if steps and "oracle" in steps[0]:
+            out["oracle"] = [step["oracle"].int().tolist() for step in steps]
+            out["top1"] = [step["top1"].tolist() for step in steps]
+        return out
