@@ -11,30 +11,37 @@ vLLM's own CPU attention kernel. It runs on per-head "virtual sequences": the ca
 query heads whose block table is `block * Hkv + head`. Local groups never touch their bulk, and
 long groups stream their blocks in place at the stock kernel's speed.
 
-Everything that depends only on (block_table, seq_lens, cfg) -- identical for all layers of a
-decode step -- lives in a `DecodePlan`; build it once per step with `plan_decode` and pass it to
-every layer's `paged_decode(..., plan=plan)`, or let `paged_decode` build it.
+Everything that depends only on (block_table, seq_lens, settings) -- identical for all layers of
+a decode step -- lives in a `DecodePlan`: the builder makes it once per step (`plan_decode`) and
+every layer's `paged_decode(..., plan=plan)` uses it (a call without one builds its own). Whether
+a step is decided at all is the builder's choice too: rows it does not decide go to vLLM's
+kernel as they are (`stock_decode`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from vllm import _custom_ops as ops
 from vllm import envs
 
-from .observe import exact_lse
-from .policy import PolicyConfig, decide_long_heads, group_rule
-
-
-class DecodeResult(NamedTuple):
-    output: Tensor  # [B, Hq, D], query dtype
-    long_heads: Tensor  # [B, Hq] bool
-    long_groups: Tensor  # [B, Hkv] bool
+from .kv_layout import CPU_VEC
+from .policy import (
+    NO_INPUTS,
+    DecodeBatch,
+    DecodeResult,
+    PolicyInputs,
+    bulk_sizes,
+    decide_long_heads,
+    group_rule,
+    local_mask,
+    score_stats,
+)
+from .reference import exact_lse
+from .settings import QadaSettings
 
 
 @dataclass
@@ -49,18 +56,16 @@ class DecodePlan:
     t_local: int
     lengths: list[int]
     n_bulk: Tensor  # [B] int64
-    total_bulk: int  # their sum
     local_rows: Tensor  # [B * Hkv * S] flat (block, head) rows of the local slots
     local_slots: int  # S
     local_invalid: Tensor  # [B, 1, S, 1, bs] bool: positions outside the local set
     local_valid_f: Tensor  # its complement as fp32
-    local_count: Tensor  # [B, 1, 1] number of local positions
     head_tables: Tensor  # [B * Hkv, max_blocks] int32 virtual block table of each (row, KV head)
     head_seq_lens: Tensor  # [B * Hkv] int32
 
 
 def plan_decode(
-    block_table: Tensor, seq_lens: Tensor, cfg: PolicyConfig, *, block_size: int, num_kv_heads: int
+    block_table: Tensor, seq_lens: Tensor, settings: QadaSettings, *, block_size: int, num_kv_heads: int
 ) -> DecodePlan:
     """Precompute the layer-independent part of `paged_decode` for one decode step.
 
@@ -69,8 +74,8 @@ def plan_decode(
     """
     batch = seq_lens.shape[0]
     seq_lens = seq_lens.long()
-    n_sink = -(-cfg.t_sink // block_size)
-    n_window = -(-cfg.t_local // block_size) + 1
+    n_sink = -(-settings.t_sink // block_size)
+    n_window = -(-settings.t_local // block_size) + 1
     last = (seq_lens - 1) // block_size  # last logical block of each row
     logical = torch.cat(
         [
@@ -83,13 +88,12 @@ def plan_decode(
     # Slots outside [0, last] (short rows) read a clamped block and are fully masked below:
     # block_table entries past a row's last block may be garbage, so they are never looked up.
     phys = block_table.long().gather(1, logical.clamp(min=0).minimum(last.unsqueeze(1)))
-    # Sink slots keep positions < t_sink, window slots the rest, so overlaps count once.
+    # The local set (`policy.local_mask`); sink slots keep positions < t_sink, window slots the
+    # rest, so a block that is both counts once.
     pos = logical.unsqueeze(2) * block_size + torch.arange(block_size)  # [B, S, bs]
-    t = (seq_lens - 1).view(batch, 1, 1)
-    sink_ok = (pos < cfg.t_sink) & (pos <= t)
-    window_ok = (pos >= cfg.t_sink) & (pos > t - cfg.t_local) & (pos <= t)
+    local = local_mask(pos, seq_lens.view(batch, 1, 1), settings.t_sink, settings.t_local)
     is_sink_slot = (torch.arange(num_slots) < n_sink).view(1, -1, 1)
-    valid = torch.where(is_sink_slot, sink_ok, window_ok)  # [B, S, bs]
+    valid = local & torch.where(is_sink_slot, pos < settings.t_sink, pos >= settings.t_sink)  # [B, S, bs]
     # A slot without local positions reads the row's first block instead, so that local groups
     # never touch a block of their bulk. The last slot holds the current token: never empty.
     phys = torch.where(valid.any(-1), phys, block_table[:, :1].long())
@@ -101,121 +105,84 @@ def plan_decode(
     table = block_table[:, :n_blocks].long()
     table = torch.where(torch.arange(n_blocks) > last.unsqueeze(1), phys[:, -1:], table)
     head_tables = (table.unsqueeze(1) * num_kv_heads + heads.view(1, -1, 1)).flatten(0, 1)
-    n_bulk = bulk_sizes(seq_lens, cfg)
+    n_bulk = bulk_sizes(seq_lens, settings)
     return DecodePlan(
         batch=batch,
         block_size=block_size,
         num_kv_heads=num_kv_heads,
-        t_sink=cfg.t_sink,
-        t_local=cfg.t_local,
+        t_sink=settings.t_sink,
+        t_local=settings.t_local,
         lengths=seq_lens.tolist(),
         n_bulk=n_bulk,
-        total_bulk=int(n_bulk.sum()),
         local_rows=rows.flatten(),
         local_slots=num_slots,
         local_invalid=~valid,
         local_valid_f=valid.float(),
-        local_count=valid.flatten(1).sum(-1).view(batch, 1, 1),
         head_tables=head_tables.int(),
         head_seq_lens=seq_lens.repeat_interleave(num_kv_heads).int(),
     )
 
 
-def bulk_sizes(seq_lens: Tensor, cfg: PolicyConfig) -> Tensor:
-    """[B] int64: tokens outside each row's sinks and window."""
-    return (seq_lens.long() - cfg.t_sink - cfg.t_local).clamp(min=0)
-
-
-def reads_everything(cfg: PolicyConfig, total_bulk: int) -> bool:
-    """True when no row of the step is decided: policy `full`, or bulks adding up to fewer than
-    `min_bulk` tokens."""
-    return cfg.policy == "full" or total_bulk < cfg.min_bulk
-
-
-def undecided(n_bulk: Tensor, num_heads: int, num_kv_heads: int) -> tuple[Tensor, Tensor]:
-    """The (long heads [B, Hq], long groups [B, Hkv]) of a step that reads everything: long
-    wherever there is a bulk."""
-    has_bulk = (n_bulk > 0).unsqueeze(1)
-    return has_bulk.expand(-1, num_heads), has_bulk.expand(-1, num_kv_heads)
-
-
 def paged_decode(
-    query: Tensor,
-    key_cache: Tensor,
-    value_cache: Tensor,
-    block_table: Tensor,
-    seq_lens: Tensor,
-    scale: float,
-    cfg: PolicyConfig,
+    batch: DecodeBatch,
+    settings: QadaSettings,
+    inputs: PolicyInputs = NO_INPUTS,
     *,
-    moments: tuple[Tensor, Tensor, Tensor] | None = None,
-    calib: tuple[Tensor, Tensor] | None = None,
-    static_mask: Tensor | None = None,
-    generator: torch.Generator | None = None,
     plan: DecodePlan | None = None,
 ) -> DecodeResult:
-    """One decode step (one new query per row) for one layer. seq_lens [B] (>= 1) include the
-    current token, whose K/V must already be in the cache. `query` may be strided (vLLM passes a
-    view of the fused QKV projection). `plan` (from `plan_decode` with the same block_table,
-    seq_lens and cfg) may be shared by all layers of the step."""
-    batch, num_heads, head_dim = query.shape
+    """One decided decode step for one layer. `plan` (from `plan_decode` with the same block
+    table, lengths and settings) may be shared by all layers of the step."""
+    query, key_cache, value_cache, block_table, seq_lens, scale = batch
+    rows, num_heads, head_dim = query.shape
     _, num_kv_heads, block_size, _ = key_cache.shape
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")
     if plan is None:
-        plan = plan_decode(block_table, seq_lens, cfg, block_size=block_size, num_kv_heads=num_kv_heads)
+        plan = plan_decode(block_table, seq_lens, settings, block_size=block_size, num_kv_heads=num_kv_heads)
     elif (plan.batch, plan.block_size, plan.num_kv_heads, plan.t_sink, plan.t_local) != (
-        batch,
-        block_size,
-        num_kv_heads,
-        cfg.t_sink,
-        cfg.t_local,
+        (rows, block_size, num_kv_heads, *settings.window)
     ):
-        raise ValueError("plan does not match this call (batch, block size, KV heads or cfg)")
-    if reads_everything(cfg, plan.total_bulk):  # vLLM's kernel as is: the stock output, exactly
-        out = _stock_attention(query, key_cache, value_cache, block_table, seq_lens.int(), scale)
-        return DecodeResult(out, *undecided(plan.n_bulk, num_heads, num_kv_heads))
+        raise ValueError("plan does not match this call (batch, block size, KV heads or settings)")
 
     group = num_heads // num_kv_heads
     heads_view = _HeadViews(key_cache, value_cache)
 
     q = query.float() * scale if query.dtype != torch.float32 else query * scale
-    q = q.view(batch, num_kv_heads, group, head_dim)  # scores = q @ k
-    local_out, local_lse, score_stats = _local_attention(
-        q, heads_view, plan, want_stats=cfg.policy == "qada" and cfg.stats == "local"
+    q = q.view(rows, num_kv_heads, group, head_dim)  # scores = q @ k
+    local_out, local_lse, score_moments = _local_attention(
+        q, heads_view, plan, want_stats=settings.needs_local_score_stats
     )
     bulk_lse = None
-    if cfg.policy == "oracle":  # the exact bulk mass of every head: reads the whole cache
-        bulk_lse = exact_lse(query, key_cache, block_table, plan.lengths, scale, cfg).bulk
+    if settings.needs_exact_bulk:  # the exact bulk mass of every head: reads the whole cache
+        bulk_lse = exact_lse(CPU_VEC, batch, plan.lengths, settings).bulk
+    score_stats_ = None if score_moments is None else tuple(s.flatten(1) for s in score_moments)
     long_heads = decide_long_heads(
-        cfg,
-        n_bulk=plan.n_bulk,
-        query=query,
-        scale=scale,
-        num_kv_heads=num_kv_heads,
+        settings,
+        query,
+        scale,
+        plan.n_bulk,
+        num_kv_heads,
+        inputs,
         local_lse=local_lse.flatten(1),
         bulk_lse=bulk_lse,
-        moments=moments,
-        calib=calib,
-        local_score_stats=None if score_stats is None else tuple(s.flatten(1) for s in score_stats),
-        static_mask=static_mask,
-        generator=generator,
+        local_score_stats=score_stats_,
     )
     long_groups = group_rule(long_heads, num_kv_heads)
 
-    out = local_out.to(query.dtype).view(batch * num_kv_heads, group, head_dim)
+    out = local_out.to(query.dtype).view(rows * num_kv_heads, group, head_dim)
     pairs = long_groups.flatten().nonzero().squeeze(1)  # (row, KV head) pairs read in full
     if pairs.numel():
-        long_out = _stock_attention(
-            query.reshape(batch * num_kv_heads, group, head_dim).index_select(0, pairs),
+        per_head = DecodeBatch(
+            query.reshape(rows * num_kv_heads, group, head_dim).index_select(0, pairs),
             heads_view.key_cache,
             heads_view.value_cache,
             plan.head_tables.index_select(0, pairs),
             plan.head_seq_lens.index_select(0, pairs),
             scale,
         )
+        long_out = stock_decode(per_head)
         out.index_copy_(0, pairs, long_out)
-    return DecodeResult(out.view(batch, num_heads, head_dim), long_heads, long_groups)
+    return DecodeResult(out.view(rows, num_heads, head_dim), long_heads, long_groups)
 
 
 class _HeadViews:
@@ -242,11 +209,11 @@ def _one_head_blocks(cache: Tensor) -> Tensor:
     )
 
 
-def _stock_attention(
-    query: Tensor, key_cache: Tensor, value_cache: Tensor, tables: Tensor, seq_lens: Tensor, scale: float
-) -> Tensor:
-    """vLLM's CPU decode attention of N sequences, one query token each: query [N, H, D], caches
-    [num_blocks, Hkv, bs, D], tables [N, n] and seq_lens [N] int32. Returns [N, H, D]."""
+def stock_decode(batch: DecodeBatch) -> Tensor:
+    """vLLM's CPU decode attention, one query token per sequence, as its backend runs it: query
+    [N, H, D], caches [num_blocks, Hkv, bs, D], block tables [N, n], seq_lens [N] int32.
+    Returns [N, H, D]."""
+    query, key_cache, value_cache, tables, seq_lens, scale = batch
     num_seqs, num_heads, head_dim = query.shape
     query = query.contiguous()
     starts = torch.arange(num_seqs + 1, dtype=torch.int32)
@@ -316,12 +283,5 @@ def _local_attention(
     denom = probs.sum(dim=(2, 4))  # [B, Hkv, G]
     lse = m.view(batch, num_kv_heads, group) + denom.log()
     out = torch.matmul(probs, values).sum(2).div_(denom.unsqueeze(-1))  # [B, Hkv, G, D]
-    stats = None
-    if want_stats:
-        valid = ~plan.local_invalid
-        count = plan.local_count
-        mean = torch.where(valid, scores, 0.0).sum((2, 4)) / count
-        dev = (scores - mean.view(batch, num_kv_heads, 1, group, 1)).square()
-        var = torch.where(valid, dev, 0.0).sum((2, 4)) / count
-        stats = (mean, var)
+    stats = score_stats(scores, ~plan.local_invalid, dims=(2, 4)) if want_stats else None
     return out, lse, stats

@@ -6,10 +6,13 @@ and head), block_table [B, max_blocks] int32, seq_lens [B] including the current
 is already in the cache. One query per row, query [B, Hq, D]; query head h reads KV head h // G.
 
 1. `_local_kernel`, grid (B, Hkv): the G query heads of a KV group attend to the local set
-   (sinks [0, t_sink) and window (t - t_local, t]); then the policy decides per query head on
-   device and the group rule marks the group long if any of its heads is.
-2. `_bulk_kernel`, grid (B, Hkv, splits): split-K attention over the bulk [t_sink, t - t_local].
-   Programs of local groups return at once: a local group reads only its local keys.
+   (sinks [0, t_sink) and window (t - t_local, t], as `policy.local_mask` defines it); then the
+   policy decides per query head on device (`policy.decide_long_heads`, with the local scores'
+   statistics of `policy.score_stats` for qada/local) and the group rule (`policy.group_rule`)
+   marks the group long if any of its heads is.
+2. `_bulk_kernel`, grid (B, Hkv, splits): split-K attention over the bulk [t_sink, t - t_local]
+   (`policy.bulk_range`). Programs of local groups return at once: a local group reads only its
+   local keys.
 3. `_merge_kernel`, grid (B, Hkv): log-sum-exp merge of the local and bulk partials for long
    groups (all heads of a long group get the full result).
 
@@ -20,24 +23,22 @@ so a decode step can be captured in a CUDA graph.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .policy import PolicyConfig
+from .policy import NO_INPUTS, DecodeBatch, DecodeResult, PolicyInputs
 
-# Policy codes (constexpr): the kernel is specialised per policy.
-FULL, LOCAL, ORACLE, MASK, QADA_MOMENTS, QADA_GAUSSIAN, QADA_LOCAL = (tl.constexpr(i) for i in range(7))
+if TYPE_CHECKING:
+    from .settings import QadaSettings
+
+# Policy codes (constexpr): the kernel is specialised per policy, named as the settings name
+# them; MASK is static and random alike (their decisions come as a mask).
+FULL, LOCAL, ORACLE, MASK, QADA_PROMPT, QADA_CALIB, QADA_LOCAL = (tl.constexpr(i) for i in range(7))
 NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully masked tiles give exp(-inf - NEG) = 0
-
-
-class DecodeResult(NamedTuple):
-    output: Tensor  # [B, Hq, D], query dtype
-    long_heads: Tensor  # [B, Hq] bool
-    long_groups: Tensor  # [B, Hkv] bool
 
 
 @triton.jit
@@ -135,7 +136,7 @@ def _local_kernel(
         flag = tl.load(mask_ptr + b * stride_mb + heads * stride_mh, mask=g_ok, other=0)
         long = (flag != 0) & has_bulk
     else:
-        if POLICY == QADA_LOCAL:  # mean / population variance of the local scores
+        if POLICY == QADA_LOCAL:  # mean / population variance of the local scores (one pass)
             count = (sink_end + seq_len - win_start).to(tl.float32)
             mean = ssum / count
             var = tl.maximum(ssq / count - mean * mean, 0.0)
@@ -151,8 +152,8 @@ def _local_kernel(
                              + (c + offs_c)[:, None] * D + offs_d[None, :])
                 sq = tl.dot(qc, s2, input_precision="ieee")  # [GP, D]: rows c.. of S, times q
                 q_s_q += tl.sum(sq * qf, 1)
-            if POLICY == QADA_MOMENTS:
-                count = tl.maximum(tl.load(n_ptr + mb).to(tl.float32), 1.0)
+            if POLICY == QADA_PROMPT:
+                count = tl.maximum(tl.load(n_ptr + b).to(tl.float32), 1.0)
                 q_mu = q_mu / count
                 var = tl.maximum(q_s_q / count - q_mu * q_mu, 0.0)  # fp32 cancellation
             else:
@@ -253,15 +254,12 @@ def _merge_kernel(
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])
 
 
-def policy_code(cfg: PolicyConfig) -> int:
-    if cfg.policy == "qada":
-        return {"prompt": QADA_MOMENTS, "calib": QADA_GAUSSIAN, "local": QADA_LOCAL}[cfg.stats].value
-    return {"full": FULL, "local": LOCAL, "oracle": ORACLE, "static": MASK, "random": MASK}[cfg.policy].value
-
-
-def random_long_mask(cfg: PolicyConfig, batch: int, num_heads: int, generator: torch.Generator) -> Tensor:
-    """Bool [B, Hq] drawn exactly as `policy.decide_long_heads` draws the random policy (on CPU)."""
-    return torch.rand(batch, num_heads, generator=generator) < cfg.random_fraction
+def policy_code(settings: QadaSettings) -> int:
+    if settings.given_mask:
+        return MASK.value
+    if settings.estimates_bulk:
+        return {"prompt": QADA_PROMPT, "calib": QADA_CALIB, "local": QADA_LOCAL}[settings.stats].value
+    return {"full": FULL, "local": LOCAL, "oracle": ORACLE}[settings.policy].value
 
 
 def default_splits(batch: int, num_kv_heads: int, device: torch.device, max_seq_len: int | None = None,
@@ -292,30 +290,21 @@ def alloc_workspace(batch: int, num_kv_heads: int, group: int, head_dim: int, sp
 
 
 def qada_decode(
-    query: Tensor,
-    key_cache: Tensor,
-    value_cache: Tensor,
-    block_table: Tensor,
-    seq_lens: Tensor,
-    scale: float,
-    cfg: PolicyConfig,
+    decode: DecodeBatch,
+    settings: QadaSettings,
+    inputs: PolicyInputs = NO_INPUTS,
     *,
-    moments: tuple[Tensor, Tensor, Tensor] | None = None,
-    calib: tuple[Tensor, Tensor] | None = None,
-    long_mask: Tensor | None = None,
-    moment_rows: Tensor | None = None,
     out: Tensor | None = None,
     workspace: dict[str, Tensor] | None = None,
     splits: int | None = None,
     tile: int = 64,
     num_warps: int = 4,
 ) -> DecodeResult:
-    """One decode step of one layer. moments = (n [B], S1 [B, Hkv, D], S2 [B, Hkv, D, D]) for
-    qada/prompt, calib = (mu [Hkv, D], sigma [Hkv, D, D]) for qada/calib, long_mask = bool [Hq]
-    (static) or [B, Hq] (random, e.g. from `random_long_mask`). moment_rows [B] (int) picks the
-    moments row of each batch row (default: row b). Decisions stay on device. `workspace` (from
+    """One decode step of one layer. The policy's `inputs` as `policy.PolicyInputs` (the moments'
+    pooled sums are read in place by `rows`). Decisions stay on device. `workspace` (from
     `alloc_workspace`, reusable across layers and steps of the same shape) holds the scratch, the
     int8 decisions and, for oracle / qada, log_ratio [B, Hq] = bulk_lse - local_lse."""
+    query, key_cache, value_cache, block_table, seq_lens, scale = decode
     batch, num_heads, head_dim = query.shape
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
@@ -325,31 +314,30 @@ def qada_decode(
         raise ValueError(f"head size must be a power of two >= 16, got {head_dim}")
     if query.stride(-1) != 1 or key_cache.stride(-1) != 1 or value_cache.stride(-1) != 1:
         raise ValueError("query and K/V caches need a contiguous last dimension")
-    if cfg.min_bulk:  # the fused decision costs next to nothing here, so there is nothing to skip
-        raise ValueError("min_bulk is a CPU-path setting; the Triton kernel decides for every row")
-    code = policy_code(cfg)
+    code = policy_code(settings)
     dev = query.device
     if splits is None:
         splits = (workspace["part_lse"].shape[2] if workspace
                   else default_splits(batch, num_kv_heads, dev, tile=tile))
     dummy = seq_lens
     mask, stride_mb, stride_mh = dummy, 0, 0
+    moments, calib, long_mask = inputs
     if code == MASK.value:
         if long_mask is None:
-            raise ValueError(f"policy {cfg.policy!r} needs long_mask")
+            raise ValueError(f"policy {settings.policy!r} needs long_mask")
         mask = long_mask.to(device=dev, dtype=torch.int8)
         if mask.dim() == 1:
             mask = mask.unsqueeze(0).expand(batch, num_heads)
         stride_mb, stride_mh = mask.stride()
     n, m1, m2, rows = dummy, dummy, dummy, dummy
     m_strides = (0, 0, 0, 0)
-    if code == QADA_MOMENTS.value:
+    if code == QADA_PROMPT.value:
         if moments is None:
             raise ValueError("qada/prompt needs moments")
-        n, m1, m2 = moments[0], moments[1].float().contiguous(), moments[2].float().contiguous()
-        rows = torch.arange(batch, device=dev) if moment_rows is None else moment_rows
+        n, m1, m2 = moments.n, moments.s1.float().contiguous(), moments.s2.float().contiguous()
+        rows = torch.arange(batch, device=dev) if moments.rows is None else moments.rows
         m_strides = (m1.stride(0), m1.stride(1), m2.stride(0), m2.stride(1))
-    elif code == QADA_GAUSSIAN.value:
+    elif code == QADA_CALIB.value:
         if calib is None:
             raise ValueError("qada/calib needs calib")
         m1, m2 = calib[0].float().contiguous(), calib[1].float().contiguous()
@@ -370,19 +358,19 @@ def qada_decode(
     _local_kernel[(batch, num_kv_heads)](
         query, key_cache, value_cache, block_table, seq_lens, mask, rows, n, m1, m2,
         ws["local_out"], ws["local_lse"], ws["log_ratio"], ws["long_heads"], ws["long_groups"],
-        scale, cfg.logit_tau, cfg.t_sink, cfg.t_local,
+        scale, settings.logit_tau, settings.t_sink, settings.t_local,
         *q_strides, *cache_args, block_table.stride(0), stride_mb, stride_mh, *m_strides,
         DC=min(32, head_dim), BS=block_size, TILE=tile, POLICY=code, IEEE=ieee, **meta,
     )
     _bulk_kernel[(batch, num_kv_heads, splits)](
         query, key_cache, value_cache, block_table, seq_lens,
-        ws["long_groups"], ws["part_out"], ws["part_lse"], scale, cfg.t_sink, cfg.t_local,
+        ws["long_groups"], ws["part_out"], ws["part_lse"], scale, settings.t_sink, settings.t_local,
         *q_strides, *cache_args, block_table.stride(0),
         BS=block_size, TILE=tile, SPLITS=splits, IEEE=ieee, **meta,
     )
     _merge_kernel[(batch, num_kv_heads)](
         out, ws["local_out"], ws["local_lse"], ws["part_out"], ws["part_lse"], ws["log_ratio"],
         ws["long_heads"], ws["long_groups"],
-        cfg.logit_tau, out.stride(0), out.stride(1), SPLITS=splits, POLICY=code, **meta,
+        settings.logit_tau, out.stride(0), out.stride(1), SPLITS=splits, POLICY=code, **meta,
     )
     return DecodeResult(out, ws["long_heads"].view(torch.bool), ws["long_groups"].view(torch.bool))

@@ -1,0 +1,280 @@
+"""The skeleton both QAdA backends share, in vLLM's v1 split: the builder plans a step once, the
+impl executes it in every layer. `cpu_backend` and `gpu_backend` add only their kernel calls.
+
+Per step, `QadaBuilderMixin.build` (vLLM puts decode rows first: the builder asks it to):
+1. takes the decode rows and, with `decode_tail`, the last prompt tokens of the step's prefill
+   chunks as extra decode rows (prefill computes them exactly first; their decode output wins);
+2. decides the step's mode, here and nowhere else (`decides_step`);
+3. plans: stock metadata for what runs on vLLM's kernel; for a decided step, the backend's decode
+   plan (`_plan_decode`) and the key-moment update (`MomentStore.plan`).
+`QadaImplMixin.forward` then runs, in each layer, the stock parts on vLLM's kernel and the decode
+rows on the backend's kernel (`_attend`, or `_read_everything` for rows that are not decided),
+and records the layer's decisions in the step context, which the worker counts once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
+
+from .context import NO_WORKER, LayerDecisions, StepContext, get_step_context
+from .kv_layout import KVLayout
+from .moments import MomentStep
+from .policy import DecodeBatch, DecodeResult, PolicyInputs, bulk_sizes, reads_everything
+from .reference import exact_lse
+from .settings import QadaSettings
+
+
+def decides_step(settings: QadaSettings, n_bulk: Tensor) -> bool:
+    """Whether a step's decode rows are decided, or all read everything as stock vLLM does:
+    under policy `full`, and when their bulks add up to fewer than `min_bulk` tokens (on CPU the
+    decision's fixed cost per layer exceeds the read it could save there)."""
+    return settings.decides and int(n_bulk.sum()) >= settings.min_bulk
+
+
+@dataclass
+class DecodeRows:
+    """The rows a step decodes on our path (one query each), shared by all its layers."""
+
+    token_index: slice | Tensor  # where their queries are among the step's tokens
+    num_batch_rows: int  # the first rows are the batch's decode rows, then prompt-tail rows
+    req_ids: list[str]
+    seq_lens: Tensor  # [n] int32 on the device
+    seq_lens_cpu: Tensor  # [n] int64 on the host
+    block_table: Tensor  # [n, max_blocks] on the device
+    n_bulk: Tensor  # [n] int64 on the host
+    decided: bool
+    plan: Any = None  # the backend's decode plan for the step (CPU: cpu_kernel.DecodePlan)
+    moments: MomentStep | None = None  # the step's key-moment update (qada/prompt)
+
+    def __len__(self) -> int:
+        return len(self.req_ids)
+
+
+@dataclass
+class QadaMetadata:
+    """One step. `stock`: the whole batch on vLLM's kernel (steps that are not decided, without
+    prompt tails); otherwise `prefill`: the prefill rows on vLLM's kernel, and `decode` on ours."""
+
+    decode: DecodeRows
+    num_decode_tokens: int  # the batch's decode rows are its first tokens
+    prefill: Any = None
+    stock: Any = None
+
+
+def host_seq_lens(cm: CommonAttentionMetadata) -> Tensor:
+    """The batch's sequence lengths on the host, without a device sync where vLLM has them."""
+    seq_lens = cm.seq_lens_cpu_upper_bound  # exact outside speculative decoding
+    return (cm.seq_lens if seq_lens is None else seq_lens)[: cm.num_reqs].cpu().long()
+
+
+class QadaBuilderMixin:
+    """Mixed into a stock metadata builder (before it in the bases)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_reorder_batch_threshold(1)  # decode rows first
+
+    def _plan_decode(self, rows: DecodeRows, settings: QadaSettings) -> Any:
+        """The backend's layer-independent plan of a decided step (none by default)."""
+        return None
+
+    def build(
+        self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata, fast_build: bool = False
+    ):
+        cm = common_attn_metadata
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(cm, decode_threshold=1)
+        rows = self._decode_rows(cm, num_decodes, num_prefills)
+        if rows is None:
+            return super().build(common_prefix_len, cm, fast_build)
+        if not rows.decided and len(rows) == num_decodes:  # no prompt tails: all of it stock
+            return QadaMetadata(
+                rows, num_decode_tokens, stock=super().build(common_prefix_len, cm, fast_build)
+            )
+        prefill = None
+        if num_prefills:
+            prefills = UBatchSlice(
+                slice(num_decodes, cm.num_reqs), slice(num_decode_tokens, cm.num_actual_tokens)
+            )
+            prefill = super().build(common_prefix_len, _make_metadata_with_slice(prefills, cm))
+        if rows.decided:
+            ctx = get_step_context()
+            rows.plan = self._plan_decode(rows, ctx.policy.settings)
+            if ctx.policy.settings.needs_moments:
+                rows.moments = self._plan_moments(ctx, rows)
+        return QadaMetadata(rows, num_decode_tokens, prefill=prefill)
+
+    def _plan_moments(self, ctx: StepContext, rows: DecodeRows) -> MomentStep:
+        """The step's key-moment update of the batch's decode rows (prompt-tail rows, several
+        per request, are read afresh in every layer instead)."""
+        n, lengths = rows.num_batch_rows, rows.seq_lens_cpu.tolist()
+        extra = (rows.block_table[n:], lengths[n:]) if len(rows) > n else None
+        window, block_size = ctx.policy.settings.window, self.kv_cache_spec.block_size
+        return ctx.moments.plan(
+            rows.req_ids[:n], rows.block_table[:n], lengths[:n], window, block_size, extra
+        )
+
+    def _decode_rows(
+        self, cm: CommonAttentionMetadata, num_decodes: int, num_prefills: int
+    ) -> DecodeRows | None:
+        """The rows for our decode path: the batch's decode rows, then (with `decode_tail`) one
+        row per token of the step's prefill chunks among the last `decode_tail` of its prompt.
+        None when there are none, or the layer is not plain causal self-attention."""
+        cross = getattr(self, "is_cross_attention", False) or getattr(
+            self, "is_encoder_only_attention", False
+        )
+        ctx = get_step_context()
+        if cross or cm.causal is not True or ctx is None:
+            if ctx is None and num_decodes:  # profile and warm-up runs have no decode rows
+                raise RuntimeError(NO_WORKER)
+            return None
+        settings = ctx.policy.settings
+        tail = settings.decode_tail if num_prefills else 0
+        seq_lens = host_seq_lens(cm)
+        rows, lengths, tokens = list(range(num_decodes)), seq_lens[:num_decodes].tolist(), []
+        if tail:
+            prompt_lens, starts = ctx.num_prompt_tokens(), cm.query_start_loc_cpu.tolist()
+            for r in range(num_decodes, cm.num_reqs):
+                length, prompt = int(seq_lens[r]), int(prompt_lens[r])
+                first = length - (starts[r + 1] - starts[r])  # position of the chunk's first token
+                for pos in range(max(first, prompt - tail), min(length, prompt)):
+                    tokens.append(starts[r] + pos - first)
+                    rows.append(r)
+                    lengths.append(pos + 1)
+        if not rows:
+            return None
+        req_ids = ctx.batch_req_ids(cm.num_reqs)
+        seq_lens_cpu = torch.tensor(lengths, dtype=torch.long)
+        n_bulk = bulk_sizes(seq_lens_cpu, settings)
+        device = cm.block_table_tensor.device
+        if tokens:  # prompt tails: gathered rows
+            token_index = torch.tensor(list(range(num_decodes)) + tokens)
+            block_table = cm.block_table_tensor[torch.tensor(rows).to(device)]
+            device_lens = seq_lens_cpu.to(device, torch.int32)
+        else:  # the batch's first rows, as they are
+            token_index, block_table, device_lens = (
+                slice(0, num_decodes),
+                cm.block_table_tensor[:num_decodes],
+                cm.seq_lens[:num_decodes],
+            )
+        return DecodeRows(
+            token_index,
+            num_decodes,
+            [req_ids[r] for r in rows],
+            device_lens,
+            seq_lens_cpu,
+            block_table,
+            n_bulk,
+            decided=decides_step(settings, n_bulk),
+        )
+
+
+class QadaBackendMixin:
+    """Mixed into a stock backend class: the existing enum member's `name` vLLM looks it up by,
+    and our `impl` and `builder` classes."""
+
+    name: str
+    impl: type
+    builder: type
+
+    @classmethod
+    def get_name(cls) -> str:
+        return cls.name
+
+    @classmethod
+    def get_impl_cls(cls) -> type:
+        return cls.impl
+
+    @classmethod
+    def get_builder_cls(cls) -> type:
+        return cls.builder
+
+
+class QadaImplMixin:
+    """Mixed into a stock attention impl (before it in the bases). A backend sets `layout` and
+    implements `_caches`, `_attend` and `_read_everything`."""
+
+    layout: KVLayout
+
+    def _caches(self, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
+        """(key_cache, value_cache) views of vLLM's per-layer cache in `layout`."""
+        raise NotImplementedError
+
+    def _attend(
+        self, batch: DecodeBatch, rows: DecodeRows, settings: QadaSettings, inputs: PolicyInputs
+    ) -> DecodeResult:
+        """Decide and attend: one decode step of one layer."""
+        raise NotImplementedError
+
+    def _read_everything(self, batch: DecodeBatch) -> Tensor:
+        """Full attention of rows that are not decided, as the stock kernel computes it."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        layer,
+        query,
+        key,
+        value,
+        kv_cache,
+        attn_metadata,
+        output,
+        output_scale=None,
+        output_block_scale=None,
+    ) -> Tensor:
+        meta, stock = attn_metadata, super().forward
+        scales = (output_scale, output_block_scale)
+        if not isinstance(meta, QadaMetadata) or self.attn_type != AttentionType.DECODER:
+            return stock(layer, query, key, value, kv_cache, meta, output, *scales)
+        if meta.stock is not None:
+            stock(layer, query, key, value, kv_cache, meta.stock, output, *scales)
+        elif meta.prefill is not None:
+            n = meta.num_decode_tokens
+            new_kv = (None, None) if key is None else (key[n:], value[n:])
+            stock(layer, query[n:], *new_kv, kv_cache, meta.prefill, output[n:], *scales)
+        self._decode(self._layer_index(layer), query, kv_cache, meta, output)
+        return output
+
+    def _decode(
+        self, layer: int, query: Tensor, kv_cache: Tensor, meta: QadaMetadata, output: Tensor
+    ) -> None:
+        """This layer's decode rows: their outputs written into `output` (unless the whole batch
+        ran stock), their decisions recorded in the step context."""
+        ctx, rows = get_step_context(), meta.decode
+        settings = ctx.policy.settings
+        queries = query[rows.token_index]
+        shape, queries = queries.shape, queries.view(len(rows), self.num_heads, self.head_size)
+        batch = DecodeBatch(queries, *self._caches(kv_cache), rows.block_table, rows.seq_lens, self.scale)
+        decisions = reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads)
+        if meta.stock is None and not rows.decided:
+            output[rows.token_index] = self._read_everything(batch).view(shape)
+        elif meta.stock is None:
+            inputs = ctx.policy.layer_inputs(layer, len(rows), self.num_heads, query.device)
+            if rows.moments is not None:
+                inputs = inputs._replace(
+                    moments=ctx.moments.read(layer, self.layout, batch.key_cache, rows.moments)
+                )
+            result = self._attend(batch, rows, settings, inputs)
+            output[rows.token_index] = result.output.view(shape)
+            decisions = result.long_heads, result.long_groups
+        observation = None
+        if settings.observe:  # evaluation only: the exact scores of every key
+            exact = exact_lse(self.layout, batch, rows.seq_lens_cpu.tolist(), settings)
+            observation = exact.observe(settings.logit_tau)
+        token_bytes = 2 * self.head_size * kv_cache.element_size()
+        ctx.decisions.append(
+            LayerDecisions(layer, rows.req_ids, rows.seq_lens_cpu, *decisions, token_bytes, observation)
+        )
+
+    def _layer_index(self, layer) -> int:
+        index = getattr(self, "_qada_layer_index", None)
+        if index is None:
+            index = self._qada_layer_index = extract_layer_index(layer.layer_name)
+        return index
