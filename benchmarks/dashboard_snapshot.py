@@ -6,7 +6,7 @@ few policies (switched live through PUT /v1/qada/policy), then renders every das
 with Prometheus' query_range API into docs/img/dashboard.png (the same PromQL Grafana runs;
 Grafana itself cannot be installed here), and `qada heatmap` into docs/img/heatmap.png.
 
-    python benchmarks/dashboard_snapshot.py [--seconds-per-policy 60]
+    python -m benchmarks.dashboard_snapshot [--seconds-per-policy 60]
 """
 
 from __future__ import annotations
@@ -23,14 +23,10 @@ from pathlib import Path
 import httpx
 import openai
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from conftest import API_KEY, SERVED_NAME, Prometheus, Server  # noqa: E402
-from serving.heatmap import fetch_decisions, plot, run_prompt  # noqa: E402
-from serving.longcontext import haystack_text, passkey_prompt  # noqa: E402
-from serving.models import prepare_model  # noqa: E402
+from evaluation.haystack import haystack_text, passkey_prompt
+from serving.heatmap import fetch_decisions, plot, run_prompt
+from serving.models import prepare_model
+from serving.testing import API_KEY, REPO, SERVED_NAME, Prometheus, Server
 
 POLICIES = [
     {"policy": "full"},

@@ -4,10 +4,10 @@ For each context length and batch size, `batch` distinct haystack prompts (the f
 passkey) are prefilled once (prefix cache), then decoded twice, for 1 and for N+1 tokens; decode
 throughput = batch * N / (t(N+1) - t(1)), so prefill and HTTP overhead cancel out.
 
-    python benchmarks/decode_speed.py                       # 2k/4k/7k x batch 1/8, fp32
-    python benchmarks/decode_speed.py --dtype bfloat16 --contexts 7000 --batches 8
-    python benchmarks/decode_speed.py --taus 0.8 0.9 0.95   # one QAdA server, policy set per run
-    python benchmarks/decode_speed.py --contexts 2000 --min-bulk 0   # decide even for short bulks
+    python -m benchmarks.decode_speed                       # 2k/4k/7k x batch 1/8, fp32
+    python -m benchmarks.decode_speed --dtype bfloat16 --contexts 7000 --batches 8
+    python -m benchmarks.decode_speed --taus 0.8 0.9 0.95   # one QAdA server, policy set per run
+    python -m benchmarks.decode_speed --contexts 2000 --min-bulk 0   # decide even for short bulks
 
 Writes results/decode_speed-<dtype>.json and prints a Markdown table.
 """
@@ -25,13 +25,9 @@ from pathlib import Path
 import httpx
 import openai
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
-
-from conftest import API_KEY, SERVED_NAME, Server  # noqa: E402
-from serving.longcontext import haystack_text, passkey_prompt  # noqa: E402
-from serving.models import prepare_model  # noqa: E402
+from evaluation.haystack import haystack_text, passkey_prompt
+from serving.models import prepare_model
+from serving.testing import API_KEY, REPO, SERVED_NAME, Server
 
 PASSKEY = "68217"
 
@@ -186,7 +182,8 @@ def set_tau(server, tau: float | None) -> dict:
 def print_table(runs: dict) -> None:
     stock = runs["stock"]
     print(
-        "\n| context | batch | stock tok/s | policy | qada tok/s | speedup | qada KV-group local | passkey (stock/qada) |"
+        "\n| context | batch | stock tok/s | policy | qada tok/s | speedup | qada KV-group local "
+        "| passkey (stock/qada) |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for label, rows in runs.items():
@@ -194,7 +191,8 @@ def print_table(runs: dict) -> None:
             continue
         for s, q in zip(stock, rows):
             print(
-                f"| {s['context']} | {s['batch']} | {s['decode_tok_s']:.1f} | {label[5:]} | {q['decode_tok_s']:.1f} | "
+                f"| {s['context']} | {s['batch']} | {s['decode_tok_s']:.1f} | {label[5:]} "
+                f"| {q['decode_tok_s']:.1f} | "
                 f"{q['decode_tok_s'] / s['decode_tok_s']:.2f}x | {q['kv_group_local_fraction']} | "
                 f"{'yes' if s['passkey_answered'] else 'no'}/{'yes' if q['passkey_answered'] else 'no'} |"
             )

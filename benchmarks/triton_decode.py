@@ -18,8 +18,8 @@ bandwidth of a large clone (bytes read + written). A small correctness check aga
 reference runs first. Needs only torch + Triton (no vLLM):
 
     make vllm-kernel                                                         # optional reference
-    python benchmarks/triton_decode.py --out results/triton_decode          # full sweep
-    python benchmarks/triton_decode.py --out /tmp/td --quick                # a few points
+    python -m benchmarks.triton_decode --out results/triton_decode          # full sweep
+    python -m benchmarks.triton_decode --out /tmp/td --quick                # a few points
 
 Writes results.json, results.csv and speedup.png into --out.
 """
@@ -30,7 +30,7 @@ import argparse
 import csv
 import json
 import os
-import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,12 +40,12 @@ import triton
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from attention_backend.policy import PolicyConfig  # noqa: E402
-from attention_backend.triton_kernel import alloc_workspace, default_splits, qada_decode  # noqa: E402
-from attention_backend.triton_reference import reference_decode  # noqa: E402
-from benchmarks.vllm_unified import UnifiedDecode, load  # noqa: E402
+from attention_backend.kv_layout import TRITON_NHD
+from attention_backend.policy import DecodeBatch, PolicyInputs
+from attention_backend.reference import reference_decode
+from attention_backend.settings import QadaSettings
+from attention_backend.testing.vllm_unified import UnifiedDecode, load
+from attention_backend.triton_kernel import alloc_workspace, default_splits, qada_decode
 
 HQ, HKV, D, BLOCK = 32, 8, 128, 16
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,30 +91,19 @@ def check(dev: str, args, vllm_kernel):
     k, v, table = paged_cache(2, 1000, gen, dev, dtype)
     seq_lens = torch.tensor([1000, 700], dtype=torch.int32, device=dev)
     q = torch.randn(2, HQ, D, dtype=dtype, device=dev, generator=gen)
+    decode = DecodeBatch(q, k, v, table, seq_lens, D**-0.5)
     for policy, mask in (("full", None), ("random", group_mask(2, 0.25, gen, dev))):
-        cfg = PolicyConfig(policy=policy, t_sink=args.t_sink, t_local=args.t_local)
-        got = qada_decode(q, k, v, table, seq_lens, D**-0.5, cfg, long_mask=mask, tile=args.tile)
-        # the reference's random draw differs; give it the same decisions as a per-row static mask
-        want = [
-            reference_decode(
-                q[b : b + 1],
-                k,
-                v,
-                table[b : b + 1],
-                seq_lens[b : b + 1],
-                D**-0.5,
-                PolicyConfig(policy="static", t_sink=args.t_sink, t_local=args.t_local),
-                static_mask=got.long_heads[b].cpu(),
-            ).output
-            for b in range(2)
-        ]
-        err = (got.output.float().cpu() - torch.cat(want)).abs().max().item()
+        settings = QadaSettings(policy=policy, t_sink=args.t_sink, t_local=args.t_local)
+        inputs = PolicyInputs(long_mask=mask)
+        got = qada_decode(decode, settings, inputs, tile=args.tile)
+        want = reference_decode(TRITON_NHD, decode, settings, inputs).output
+        err = (got.output.float().cpu() - want).abs().max().item()
         print(f"check {policy}: max |kernel - reference| = {err:.2e}")
         if not err < 2e-2:
             raise SystemExit(f"kernel disagrees with the reference ({policy}): {err}")
     if vllm_kernel is None:
         return None
-    full = reference_decode(q, k, v, table, seq_lens, D**-0.5, PolicyConfig(policy="full")).output
+    full = reference_decode(TRITON_NHD, decode, QadaSettings(policy="full")).output
     try:
         got = UnifiedDecode(vllm_kernel, 2, HQ, HKV, D, torch.device(dev))(
             q, k, v, table, seq_lens, 1000, D**-0.5, torch.empty_like(q)
@@ -127,6 +116,31 @@ def check(dev: str, args, vllm_kernel):
     if not err < 2e-2:
         raise SystemExit(f"vLLM's kernel disagrees with the reference: {err}")
     return vllm_kernel
+
+
+def time_sdpa(q: torch.Tensor, ctx: int, gen: torch.Generator, graph: bool) -> tuple[float, str]:
+    """Milliseconds of SDPA over contiguous K/V [B, Hkv, L, D] (the flash backend where this torch
+    takes GQA decode), and the backends it used."""
+    batch, dev = q.shape[0], q.device.type
+    kc = torch.randn(batch, HKV, ctx, D, dtype=q.dtype, device=dev, generator=gen)
+    vc = torch.randn_like(kc)
+    q4 = q.unsqueeze(2)
+    choices = {
+        "flash": [SDPBackend.FLASH_ATTENTION],
+        "flash/efficient/math": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    }
+    for name, backends in choices.items():
+
+        def sdpa(backends=backends):
+            with sdpa_kernel(backends):
+                return F.scaled_dot_product_attention(q4, kc, vc, scale=D**-0.5, enable_gqa=True)
+
+        try:
+            sdpa()
+        except RuntimeError:  # this torch's flash path does not take GQA decode
+            continue
+        return timed(sdpa, graph, dev), name
+    raise RuntimeError("no SDPA backend runs this decode")
 
 
 def run(args, vllm_kernel) -> list[dict]:
@@ -146,48 +160,28 @@ def run(args, vllm_kernel) -> list[dict]:
             k, v, table = paged_cache(batch, ctx, gen, dev, dtype)
             seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
             q = torch.randn(batch, HQ, D, dtype=dtype, device=dev, generator=gen)
-            kc = torch.randn(batch, HKV, ctx, D, dtype=dtype, device=dev, generator=gen)
-            vc = torch.randn_like(kc)
-            q4 = q.unsqueeze(2)
-
-            backends = [SDPBackend.FLASH_ATTENTION]
-
-            def sdpa():
-                with sdpa_kernel(backends):
-                    return F.scaled_dot_product_attention(q4, kc, vc, scale=D**-0.5, enable_gqa=True)
-
-            try:
-                sdpa()
-                sdpa_backend = "flash"
-            except RuntimeError:  # this torch's flash path does not take GQA decode
-                backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-                sdpa_backend = "flash/efficient/math"
-            t_sdpa = timed(sdpa, args.graph, dev)
-            del kc, vc
+            t_sdpa, sdpa_backend = time_sdpa(q, ctx, gen, args.graph)
             out = torch.empty_like(q)
             t_vllm = None
             if vllm_kernel is not None:
                 unified = UnifiedDecode(vllm_kernel, batch, HQ, HKV, D, torch.device(dev))
-                t_vllm = timed(lambda: unified(q, k, v, table, seq_lens, ctx, D**-0.5, out), args.graph, dev)
+                t_vllm = timed(partial(unified, q, k, v, table, seq_lens, ctx, D**-0.5, out), args.graph, dev)
             t_ref, best = min((t_sdpa, "sdpa"), (t_vllm or float("inf"), "vllm"))
             splits = args.splits or default_splits(batch, HKV, torch.device(dev), ctx, args.tile)
             ws = alloc_workspace(batch, HKV, HQ // HKV, D, splits, torch.device(dev))
             variants = [
-                ("full", 1.0, PolicyConfig(policy="full", t_sink=args.t_sink, t_local=args.t_local), None)
+                ("full", 1.0, QadaSettings(policy="full", t_sink=args.t_sink, t_local=args.t_local), None)
             ]
             for f in args.fractions:
-                cfg = PolicyConfig(policy="random", t_sink=args.t_sink, t_local=args.t_local)
+                cfg = QadaSettings(policy="random", t_sink=args.t_sink, t_local=args.t_local)
                 variants.append((f"frac={f:g}", f, cfg, group_mask(batch, f, gen, dev).to(torch.int8)))
             for name, fraction, cfg, mask in variants:
-                fn = lambda: qada_decode(
-                    q,
-                    k,
-                    v,
-                    table,
-                    seq_lens,
-                    D**-0.5,
+                decode = DecodeBatch(q, k, v, table, seq_lens, D**-0.5)
+                fn = partial(
+                    qada_decode,
+                    decode,
                     cfg,
-                    long_mask=mask,  # noqa: E731
+                    PolicyInputs(long_mask=mask),
                     out=out,
                     workspace=ws,
                     splits=splits,
@@ -219,7 +213,8 @@ def run(args, vllm_kernel) -> list[dict]:
                 vllm_us = f"{t_vllm * 1e3:8.1f}" if t_vllm is not None else "     n/a"
                 print(
                     f"ctx={ctx:>6} B={batch:>2} {name:>9}: {ms * 1e3:8.1f} us  sdpa {t_sdpa * 1e3:8.1f} us"
-                    f"  vllm {vllm_us} us  x{t_ref / ms:5.2f} vs {best}  {rows[-1]['required_gbps']:7.0f} GB/s",
+                    f"  vllm {vllm_us} us  x{t_ref / ms:5.2f} vs {best}"
+                    f"  {rows[-1]['required_gbps']:7.0f} GB/s",
                     flush=True,
                 )
             del k, v, table

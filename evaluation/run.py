@@ -43,7 +43,7 @@ def run(
 ) -> dict:
     from transformers import AutoTokenizer
 
-    from serving.longcontext import haystack_text
+    from evaluation.haystack import haystack_text
 
     plan = {**(QUICK if quick else FULL), **{k: v for k, v in (overrides or {}).items() if v}}
     out.mkdir(parents=True, exist_ok=True)

@@ -9,13 +9,12 @@ import os
 import shutil
 import subprocess
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from conftest import REPO, SERVED_NAME, Prometheus
+from serving.testing import REPO, SERVED_NAME, Prometheus
 
 DOCKER = REPO / "docker"
 

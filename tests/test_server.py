@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import API_KEY, SERVED_NAME
+from serving.testing import API_KEY, SERVED_NAME
 
 GREEDY = dict(temperature=0.0, seed=0)
 

@@ -8,8 +8,8 @@ rest of vLLM stood in for: `envs.VLLM_BATCH_INVARIANT` (off), `init_logger`, `cu
 `UnifiedDecode` calls it the way `TritonAttentionImpl.forward` does for a batch of decode rows,
 including its 2D/3D (split-softmax) choice.
 
-    python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops    # from the installed vLLM
-    python benchmarks/vllm_unified.py --copy-to .vendor/vllm_ops --from-wheel vllm-0.33.0-*.whl
+    python -m attention_backend.testing.vllm_unified --copy-to .vendor/vllm_ops    # from the installed vLLM
+    python -m attention_backend.testing.vllm_unified --copy-to .vendor/vllm_ops --from-wheel vllm-0.33.0-*.whl
 """
 
 from __future__ import annotations
