@@ -105,7 +105,8 @@ def _pct(x: float | None) -> str:
 
 def _table(summary: dict, protocol: str) -> list[str]:
     lines = [
-        "| setting | accuracy | heads local | KV groups local | FN rate (heads / groups) | FP rate (heads / groups) |",
+        "| setting | accuracy | heads local | KV groups local | FN rate (heads / groups) "
+        "| FP rate (heads / groups) |",
         "|---|---|---|---|---|---|",
     ]
     for e in summary["settings"]:
@@ -114,8 +115,10 @@ def _table(summary: dict, protocol: str) -> list[str]:
         agree = e.get("agreement")
         fn = fp = ""
         if agree:
-            fn = f"{_pct(agree['heads']['false_negative_rate'])} / {_pct(agree['groups']['false_negative_rate'])}"
-            fp = f"{_pct(agree['heads']['false_positive_rate'])} / {_pct(agree['groups']['false_positive_rate'])}"
+            fn, fp = (
+                f"{_pct(agree['heads'][rate])} / {_pct(agree['groups'][rate])}"
+                for rate in ("false_negative_rate", "false_positive_rate")
+            )
         lines.append(
             f"| {e['setting']} | {_pct(e['accuracy'])} | {_pct(e.get('heads_local_fraction'))} "
             f"| {_pct(e.get('groups_local_fraction'))} | {fn} | {fp} |"

