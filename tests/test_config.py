@@ -47,7 +47,7 @@ def test_overrides_replace_file_values():
 def test_invalid_configs_name_the_problem(tmp_path, text, needle):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="bad.yaml") as info:
+    with pytest.raises(ConfigError, match=r"bad\.yaml") as info:
         load_config(path)
     assert needle in str(info.value)
 
@@ -82,3 +82,38 @@ def test_stock_config_does_not_enable_qada():
     cfg = load_config(CONFIGS / "smollm2-cpu.yaml")
     assert "--additional-config" not in vllm_command(cfg, Path("/m"))
     assert "QADA_ENABLE" not in vllm_environment(cfg, base={})
+
+
+def test_attention_settings_are_one_model_for_file_flags_and_worker():
+    """The `attention` section, the `qada serve` flags and what the worker applies come from one
+    settings model: every setting has a flag, and the worker gets the section less `enabled`."""
+    from attention_backend.settings import QadaSettings
+    from serving.cli import build_parser, serve_config
+
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--config",
+            str(CONFIGS / "smollm2-cpu.yaml"),
+            "--policy",
+            "local",
+            "--t-local",
+            "64",
+            "--min-bulk",
+            "10",
+            "--observe",
+            "--",
+            "--foo",
+        ]
+    )
+    cfg = serve_config(args)
+    assert cfg.attention.enabled and cfg.engine.extra_args == ["--foo"]
+    assert cfg.attention.settings() == QadaSettings(policy="local", t_local=64, min_bulk=10, observe=True)
+    flags = build_parser()._subparsers._group_actions[0].choices["serve"]._option_string_actions
+    assert all("--" + name.replace("_", "-") in flags for name in QadaSettings.model_fields)
+    with pytest.raises(SystemExit):  # argparse's own error for a value outside the choices
+        build_parser().parse_args(["serve", "--stats", "magic"])
+    qada = json.loads(
+        vllm_command(cfg, Path("/m"))[vllm_command(cfg, Path("/m")).index("--additional-config") + 1]
+    )
+    assert QadaSettings.model_validate(qada["qada"]) == cfg.attention.settings()  # what the worker validates

@@ -11,12 +11,12 @@ import json
 import httpx
 import openai
 import pytest
+import torch
 from transformers import AutoTokenizer
 
-from conftest import API_KEY, SERVED_NAME
+from evaluation.haystack import haystack_text, passkey_prompt
 from serving.config import load_config
-from serving.longcontext import haystack_text, passkey_prompt
-from conftest import REPO
+from serving.testing import API_KEY, REPO, SERVED_NAME
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 DEFAULTS = load_config(REPO / "configs" / "smollm2-cpu-qada.yaml").attention.model_dump()
@@ -30,6 +30,19 @@ def set_policy(server, **settings) -> dict:
 
 def stats(server) -> dict:
     return httpx.get(server.url + "/v1/qada/stats", headers=AUTH).json()
+
+
+def greedy(client, prompt: str, max_tokens: int, ignore_eos: bool = True, stats: bool = False):
+    """A temperature-0 completion (all `max_tokens` generated unless `ignore_eos` is off); with
+    `stats`, its usage carries `qada`."""
+    return client.completions.create(
+        model=SERVED_NAME,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={"ignore_eos": ignore_eos},
+        extra_headers={"X-QAdA-Stats": "1"} if stats else None,
+    )
 
 
 def greedy_texts(server, prompts: list[str], max_tokens: int) -> list[str]:
@@ -82,12 +95,7 @@ def test_qada_retrieves_passkey_with_mostly_local_groups(
     tokenizer, text = haystack
     set_policy(qada_server)  # the shipped defaults
     before = stats(qada_server)
-    reply = qada_client.completions.create(
-        model=SERVED_NAME,
-        prompt=passkey_prompt(tokenizer, context, depth, passkey, text),
-        max_tokens=8,
-        temperature=0,
-    )
+    reply = greedy(qada_client, passkey_prompt(tokenizer, context, depth, passkey, text), 8, ignore_eos=False)
     after = stats(qada_server)
     delta = {
         level: {k: after[level][k] - before[level][k] for k in ("long", "local")}
@@ -107,13 +115,7 @@ def test_qada_retrieves_passkey_with_mostly_local_groups(
 def test_counters_are_exact(qada_server, qada_client):
     set_policy(qada_server, policy="random", random_fraction=0.5, seed=1, min_bulk=0)
     before = stats(qada_server)
-    reply = qada_client.completions.create(
-        model=SERVED_NAME,
-        prompt="Tell me a story. " * 60,
-        max_tokens=12,
-        temperature=0,
-        extra_body={"ignore_eos": True},
-    )
+    reply = greedy(qada_client, "Tell me a story. " * 60, 12)
     after = stats(qada_server)
     decode_steps = reply.usage.completion_tokens - 1  # the first token comes from the prefill
     layers, heads, groups = len(after["layers"]), after["num_heads"], after["num_kv_heads"]
@@ -132,8 +134,8 @@ def test_counters_are_exact(qada_server, qada_client):
     [
         ("local", {}, 0.0),
         ("full", {}, 1.0),
-        ("oracle", {}, None),
-        ("qada", {"stats": "local"}, None),
+        ("oracle", {"observe": True}, None),
+        ("qada", {"stats": "local", "observe": True}, None),
         ("static", {}, None),
         ("qada", {"min_bulk": 10_000}, 1.0),  # less bulk than that in the step: read in full
     ],
@@ -146,22 +148,40 @@ def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, polic
         settings = {"static_heads": str(path)}
     set_policy(qada_server, policy=policy, **{"min_bulk": 0, **settings})  # decide on this short prompt
     before = stats(qada_server)
-    tokenizer, text = haystack
-    reply = qada_client.completions.create(
-        model=SERVED_NAME,
-        prompt=text[:2000] + "\n\nIn short,",
-        max_tokens=6,
-        temperature=0,
-        extra_body={"ignore_eos": True},
-    )
-    assert reply.choices[0].text
+    _, text = haystack
+    reply = greedy(qada_client, text[:2000] + "\n\nIn short,", 6, stats=True)
     after = stats(qada_server)
     long = after["head_decisions"]["long"] - before["head_decisions"]["long"]
     total = long + after["head_decisions"]["local"] - before["head_decisions"]["local"]
+    assert total == 5 * 30 * 9  # 5 decode steps x layers x heads
     if expect_long is not None:
         assert long == expect_long * total
     if policy == "static":
         assert long == 5 * (9 + 29)  # 5 decode steps x the 38 heads in the file
+    if settings.get("observe"):  # against the exact decisions, observed on the same queries
+        oracle = reply.model_dump()["usage"]["qada"]["oracle"]["head_decisions"]
+        print(f"\n{policy} {settings}: {long}/{total} heads long; oracle {oracle}")
+        assert oracle["long"] - oracle["missed"] + oracle["extra"] == long  # every decision observed
+        if policy == "oracle":  # the decode path's oracle is the exact one
+            assert oracle["missed"] == oracle["extra"] == 0
+
+
+@pytest.mark.parametrize("stats", ["prompt", "local"])
+def test_qada_thresholds_nest_on_the_same_query(qada_server, qada_client, haystack, stats):
+    """The first decode step of a prompt sees the same query and keys under any policy (prefill is
+    exact): there, the heads qada sends long at a high tau are a subset of those at a low tau, and
+    fewer: its estimate is one number per head, thresholded."""
+    _, text = haystack
+    first_step = {}
+    for tau in (0.2, 0.95):
+        set_policy(qada_server, policy="qada", stats=stats, tau=tau, min_bulk=0)
+        reply = greedy(qada_client, text[3000:6000] + "\n\nIn short,", 2, stats=True)
+        trace = httpx.get(f"{qada_server.url}/v1/qada/requests/{reply.id}/decisions", headers=AUTH).json()
+        first_step[tau] = torch.tensor(trace["long"][0], dtype=torch.bool)  # [layers, heads]
+    low, high = first_step[0.2], first_step[0.95]
+    counts = f"{int(low.sum())} / {int(high.sum())}"
+    print(f"\nqada/{stats}, first decode step, heads long at tau 0.2 / 0.95: {counts}")
+    assert not (high & ~low).any() and high.sum() < low.sum()
 
 
 @pytest.mark.parametrize(
@@ -206,16 +226,10 @@ def total(samples: dict, name: str, **labels) -> float:
 def test_prometheus_metrics_count_every_decision_exactly(qada_server, qada_client):
     set_policy(qada_server, policy="qada")
     before = scrape(qada_server)
-    reply = qada_client.completions.create(
-        model=SERVED_NAME,
-        prompt="Write about the sea. " * 40,
-        max_tokens=10,
-        temperature=0,
-        extra_body={"ignore_eos": True},
-    )
+    reply = greedy(qada_client, "Write about the sea. " * 40, 10)
     after = scrape(qada_server)
     steps, prompt = reply.usage.completion_tokens - 1, reply.usage.prompt_tokens
-    delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+    delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)
     assert delta("qada_head_decisions_total", level="head") == steps * 30 * 9
     assert delta("qada_head_decisions_total", level="kv_group") == steps * 30 * 3
     assert len({dict(ls)["layer"] for (n, ls) in after if n == "qada_head_decisions_total"}) == 30
@@ -233,14 +247,7 @@ def test_per_request_stats_add_up_to_the_global_counters(qada_server, qada_clien
     plain = qada_client.completions.create(model=SERVED_NAME, prompt=prompt, max_tokens=4)
     assert "qada" not in plain.model_dump()["usage"]  # off unless asked for
     before = stats(qada_server)
-    reply = qada_client.completions.create(
-        model=SERVED_NAME,
-        prompt=prompt,
-        max_tokens=9,
-        temperature=0,
-        extra_body={"ignore_eos": True},
-        extra_headers={"X-QAdA-Stats": "1"},
-    )
+    reply = greedy(qada_client, prompt, 9, stats=True)
     after = stats(qada_server)
     mine = reply.model_dump()["usage"]["qada"]
     assert mine["decode_steps"] == reply.usage.completion_tokens - 1
@@ -268,14 +275,7 @@ def test_decision_trace_and_heatmap(qada_server, qada_client, tmp_path):
     import sys
 
     set_policy(qada_server, policy="qada")
-    reply = qada_client.completions.create(
-        model=SERVED_NAME,
-        prompt="A walk by the river. " * 40,
-        max_tokens=7,
-        temperature=0,
-        extra_body={"ignore_eos": True},
-        extra_headers={"X-QAdA-Stats": "1"},
-    )
+    reply = greedy(qada_client, "A walk by the river. " * 40, 7, stats=True)
     trace = httpx.get(f"{qada_server.url}/v1/qada/requests/{reply.id}/decisions", headers=AUTH).json()
     steps = reply.usage.completion_tokens - 1
     assert len(trace["long"]) == steps and len(trace["long"][0]) == 30 and len(trace["long"][0][0]) == 9

@@ -1,5 +1,6 @@
-"""The QAdA impl against vLLM's stock CPU impl on one mixed batch (decode rows first, then a fresh
-and a chunked prefill), with vLLM's own KV write and kernel, shuffled physical blocks."""
+"""The QAdA CPU builder and impl against vLLM's stock CPU backend on one mixed batch (decode rows
+first, then a fresh and a chunked prefill), with vLLM's own KV write and kernel and shuffled
+physical blocks: the step as the engine runs it, from `build()` to every layer's `forward`."""
 
 from __future__ import annotations
 
@@ -10,74 +11,41 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paged_helpers import local_positions
-
 vllm = pytest.importorskip("vllm")
-from vllm import _custom_ops as ops  # noqa: E402
-from vllm.config import set_current_vllm_config  # noqa: E402
-from vllm.engine.arg_utils import EngineArgs  # noqa: E402
-from vllm.v1.attention.backends.cpu_attn import (  # noqa: E402
-    CPUAttentionBackendImpl,
-    CPUAttentionMetadata,
-)
+from vllm import _custom_ops as ops
+from vllm.config import set_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadataBuilder
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from attention_backend.cpu_backend import QadaCPUImpl, QadaCPUMetadata  # noqa: E402
-from attention_backend.state import WORKER_STATE  # noqa: E402
+from attention_backend.backend import QadaMetadata
+from attention_backend.context import reset_step_context, set_step_context
+from attention_backend.cpu_backend import QadaCPUImpl, QadaCPUMetadataBuilder
+from attention_backend.testing.batches import BATCH_SPECS, common_metadata, step_context
+from attention_backend.testing.paged_cases import local_positions
 
 HQ, HKV, D, LAYER = 9, 3, 64, 3
-DECODE_LENS = [40, 300, 700]  # one query each
-PREFILL = [(20, 20), (37, 500)]  # (new tokens, seq len): a fresh prompt and a chunked one
+SPEC = BATCH_SPECS["mixed"]  # decodes at 40, 300, 700; a fresh prompt of 20 and a chunk of 37 at 500
+ND = SPEC.num_decodes
 T_SINK, T_LOCAL = 16, 128
+LAYER_NAME = f"model.layers.{LAYER}.self_attn.attn"
 
 
 @pytest.fixture(scope="module")
 def vllm_config(model_path):
-    return EngineArgs(
-        model=str(model_path), dtype="float32", additional_config={"qada": {"policy": "full"}}
-    ).create_engine_config()
-
-
-def metadata(seq_lens, query_lens, block_table, dtype) -> CPUAttentionMetadata:
-    seq_lens = torch.tensor(seq_lens, dtype=torch.int32)
-    qsl = torch.tensor([0, *torch.tensor(query_lens).cumsum(0).tolist()], dtype=torch.int32)
-    scheduler = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(seq_lens),
-        num_heads=HQ,
-        num_kv_heads=HKV,
-        head_dim=D,
-        seq_lens=seq_lens,
-        dtype=dtype,
-        query_start_loc=qsl,
-        causal=True,
-        sliding_window_size=-1,
-        isa="vec",
-        enable_kv_split=False,
-        dynamic_causal=None,
-        kv_cache_dtype="auto",
-    )
-    return CPUAttentionMetadata(
-        num_actual_tokens=int(qsl[-1]),
-        max_query_len=max(query_lens),
-        query_start_loc=qsl,
-        max_seq_len=int(seq_lens.max()),
-        seq_lens=seq_lens,
-        block_table=block_table,
-        slot_mapping=torch.empty(0, dtype=torch.int64),
-        scheduler_metadata=scheduler,
-    )
+    return EngineArgs(model=str(model_path), dtype="float32").create_engine_config()
 
 
 def make_batch(block_size: int, dtype: torch.dtype, seed: int = 0):
+    """SPEC's K/V written by vLLM's cache write into shuffled blocks, and its queries."""
     gen = torch.Generator().manual_seed(seed)
-    seq_lens = DECODE_LENS + [n for _, n in PREFILL]
-    query_lens = [1] * len(DECODE_LENS) + [q for q, _ in PREFILL]
-    blocks = [-(-n // block_size) for n in seq_lens]
+    blocks = [-(-n // block_size) for n in SPEC.seq_lens]
     perm = torch.randperm(sum(blocks) + 2, generator=gen)
-    table = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
+    table = torch.zeros(len(SPEC.seq_lens), max(blocks), dtype=torch.int32)
     kv = torch.zeros(sum(blocks) + 2, HKV, block_size, 2 * D, dtype=dtype)
     key_cache, value_cache = kv.view(kv.shape[0], HKV, 2 * block_size, D).chunk(2, dim=2)
     keys, values, slots, used = [], [], [], 0
-    for row, (n, nb) in enumerate(zip(seq_lens, blocks)):
+    for row, (n, nb) in enumerate(zip(SPEC.seq_lens, blocks)):
         table[row, :nb] = perm[used : used + nb]
         used += nb
         k = torch.randn(n, HKV, D, generator=gen) + torch.randn(HKV, D, generator=gen)  # mean offset
@@ -96,41 +64,34 @@ def make_batch(block_size: int, dtype: torch.dtype, seed: int = 0):
         v_scale=1.0,
         kv_cache_dtype="auto",
     )
-    query = (torch.randn(sum(query_lens), HQ, D, generator=gen) * 2).to(dtype)
-    return SimpleNamespace(
-        kv=kv, keys=keys, values=values, table=table, query=query, seq_lens=seq_lens, query_lens=query_lens
-    )
+    query = (torch.randn(sum(SPEC.query_lens), HQ, D, generator=gen) * 2).to(dtype)
+    return SimpleNamespace(kv=kv, keys=keys, values=values, table=table, query=query)
 
 
-def run_both(batch, vllm_config, dtype, settings: dict):
-    layer = SimpleNamespace(
-        layer_name=f"model.layers.{LAYER}.self_attn.attn", isa="vec", _k_scale_float=1.0, _v_scale_float=1.0
-    )
-    nd = len(DECODE_LENS)
-    stock_meta = metadata(batch.seq_lens, batch.query_lens, batch.table, dtype)
-    ours_meta = QadaCPUMetadata(
-        num_decodes=nd,
-        num_decode_tokens=nd,
-        decode_seq_lens=torch.tensor(DECODE_LENS, dtype=torch.int32),
-        decode_block_table=batch.table[:nd],
-        decode_req_ids=[f"r{i}" for i in range(nd)],
-        prefill=metadata(batch.seq_lens[nd:], batch.query_lens[nd:], batch.table[nd:], dtype),
-    )
+def run_both(batch, vllm_config, dtype, block_size: int, settings: dict):
+    """The stock CPU backend's output and ours (and our metadata) for one layer of the step."""
+    layer = SimpleNamespace(layer_name=LAYER_NAME, isa="vec", _k_scale_float=1.0, _v_scale_float=1.0)
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=HKV, head_size=D, dtype=dtype)
+    cm = common_metadata(SPEC, batch.table, block_size)
     with set_current_vllm_config(vllm_config):
+        stock_builder = CPUAttentionMetadataBuilder(spec, [LAYER_NAME], vllm_config, torch.device("cpu"))
+        builder = QadaCPUMetadataBuilder(spec, [LAYER_NAME], vllm_config, torch.device("cpu"))
         stock = CPUAttentionBackendImpl(HQ, D, D**-0.5, HKV, None, None, "auto")
         ours = QadaCPUImpl(HQ, D, D**-0.5, HKV, None, None, "auto")
-    WORKER_STATE.configure(settings)
-    WORKER_STATE.moments.clear()
     out_stock, out_ours = torch.zeros_like(batch.query), torch.full_like(batch.query, float("nan"))
-    stock.forward(layer, batch.query, None, None, batch.kv, stock_meta, out_stock)
-    ours.forward(layer, batch.query, None, None, batch.kv, ours_meta, out_ours)
-    WORKER_STATE.counters.end_step()
-    return out_stock.float(), out_ours.float()
+    stock.forward(layer, batch.query, None, None, batch.kv, stock_builder.build(0, cm), out_stock)
+    set_step_context(ctx := step_context(SPEC, settings))
+    try:
+        meta = builder.build(0, cm)
+        ours.forward(layer, batch.query, None, None, batch.kv, meta, out_ours)
+    finally:
+        reset_step_context()
+    return out_stock.float(), out_ours.float(), meta, ctx.step_decisions()
 
 
 def decode_reference(batch, row: int, long_groups: list[bool]) -> torch.Tensor:
     """Contiguous SDPA for decode row `row`: long groups see everything, others sink+window."""
-    n = batch.seq_lens[row]
+    n = SPEC.seq_lens[row]
     long_heads = torch.tensor(long_groups).repeat_interleave(HQ // HKV)
     mask = local_positions(n, T_SINK, T_LOCAL).unsqueeze(0) | long_heads.unsqueeze(1)
     q = batch.query[row].float()[None, :, None]
@@ -149,17 +110,18 @@ TOL = {torch.float32: dict(atol=2e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_policy_full_equals_stock_backend(vllm_config, dtype, block_size):
     batch = make_batch(block_size, dtype)
-    stock, ours = run_both(batch, vllm_config, dtype, {"policy": "full"})
-    torch.testing.assert_close(ours, stock, **TOL[dtype])
+    stock, ours, meta, _ = run_both(batch, vllm_config, dtype, block_size, {"policy": "full"})
+    assert isinstance(meta, QadaMetadata) and meta.stock is not None  # not decided: the stock kernel
+    torch.testing.assert_close(ours, stock, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_policy_local_decodes_sink_and_window_and_keeps_prefill_stock(vllm_config, block_size):
     batch = make_batch(block_size, torch.float32, seed=1)
-    stock, ours = run_both(batch, vllm_config, torch.float32, {"policy": "local"})
-    nd = len(DECODE_LENS)
-    torch.testing.assert_close(ours[nd:], stock[nd:], **TOL[torch.float32])
-    for row in range(nd):
+    stock, ours, meta, _ = run_both(batch, vllm_config, torch.float32, block_size, {"policy": "local"})
+    assert meta.stock is None and meta.prefill is not None and meta.decode.decided
+    torch.testing.assert_close(ours[ND:], stock[ND:], **TOL[torch.float32])
+    for row in range(ND):
         torch.testing.assert_close(
             ours[row], decode_reference(batch, row, [False] * HKV), **TOL[torch.float32]
         )
@@ -170,8 +132,31 @@ def test_mixed_per_group_decisions_match_masked_reference(vllm_config, tmp_path)
     path = tmp_path / "heads.json"  # in layer LAYER, query head 4 (KV group 1) is long
     path.write_text(json.dumps({"num_layers": 30, "num_heads": HQ, "long_heads": [[LAYER, 4]]}))
     batch = make_batch(32, torch.float32, seed=2)
-    _, ours = run_both(batch, vllm_config, torch.float32, {"policy": "static", "static_heads": str(path)})
-    for row in range(len(DECODE_LENS)):
-        has_bulk = DECODE_LENS[row] > T_SINK + T_LOCAL
+    _, ours, _, step = run_both(
+        batch, vllm_config, torch.float32, 32, {"policy": "static", "static_heads": str(path)}
+    )
+    for row in range(ND):
+        has_bulk = SPEC.seq_lens[row] > T_SINK + T_LOCAL
         expected = decode_reference(batch, row, [False, has_bulk, False])
         torch.testing.assert_close(ours[row], expected, **TOL[torch.float32])
+    assert step.groups[:, 0].tolist() == [[False, s > T_SINK + T_LOCAL, False] for s in SPEC.seq_lens[:ND]]
+
+
+@pytest.mark.parametrize("policy", ["local", "qada"])
+def test_min_bulk_steps_read_everything(vllm_config, policy):
+    """A step whose decode rows' bulks add up to fewer than min_bulk tokens reads everything, as
+    stock does (heads with a bulk count as long); at the threshold, the policy decides."""
+    batch = make_batch(32, torch.float32, seed=7)
+    bulk = sum(max(n - T_SINK - T_LOCAL, 0) for n in SPEC.seq_lens[:ND])  # 0 + 156 + 556
+    settings = {"policy": policy, "tau": 0.5}
+    _, plain, _, plain_step = run_both(batch, vllm_config, torch.float32, 32, settings)
+    stock, above, meta, step = run_both(
+        batch, vllm_config, torch.float32, 32, {**settings, "min_bulk": bulk + 1}
+    )
+    assert meta.stock is not None
+    torch.testing.assert_close(above, stock, rtol=0, atol=0)
+    has_bulk = torch.tensor([n > T_SINK + T_LOCAL for n in SPEC.seq_lens[:ND]])
+    assert torch.equal(step.heads[:, 0], has_bulk.unsqueeze(1).expand(ND, HQ))
+    _, at, meta, at_step = run_both(batch, vllm_config, torch.float32, 32, {**settings, "min_bulk": bulk})
+    assert meta.decode.decided and torch.equal(at, plain) and torch.equal(at_step.heads, plain_step.heads)
+    assert not at_step.heads.all()

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from attention_backend.cpu_kernel import paged_decode, plan_decode
+from attention_backend.kv_layout import CPU_VEC
 from attention_backend.moments import fresh_moments
-from attention_backend.policy import PolicyConfig, group_rule
-from paged_helpers import (
+from attention_backend.policy import PolicyInputs, group_rule, random_long_mask
+from attention_backend.settings import QadaSettings
+from attention_backend.testing.paged_cases import (
     PagedCase,
     local_positions,
     make_case,
-    relayout,
     masked_reference,
+    relayout,
     row_scores,
     sdpa_row,
     tolerance,
@@ -39,17 +42,8 @@ def case(request: pytest.FixtureRequest) -> PagedCase:
     return make_case(seq_lens, num_kv_heads, group, block_size, dtype, seed=request.param)
 
 
-def decode(case: PagedCase, cfg: PolicyConfig, **kwargs):
-    return paged_decode(
-        case.query,
-        case.key_cache,
-        case.value_cache,
-        case.block_table,
-        case.seq_lens,
-        case.scale,
-        cfg,
-        **kwargs,
-    )
+def decode(case: PagedCase, cfg: QadaSettings, plan=None, **inputs):
+    return paged_decode(case.batch(), cfg, PolicyInputs(**inputs), plan=plan)
 
 
 def n_bulk(case: PagedCase, t_sink: int = T_SINK, t_local: int = T_LOCAL) -> torch.Tensor:
@@ -80,7 +74,7 @@ def local_and_bulk_scores(case: PagedCase, b: int) -> tuple[torch.Tensor, torch.
 
 
 def test_full_equals_sdpa(case: PagedCase) -> None:
-    result = decode(case, PolicyConfig(policy="full", t_sink=T_SINK, t_local=T_LOCAL))
+    result = decode(case, QadaSettings(policy="full", t_sink=T_SINK, t_local=T_LOCAL))
     expected = torch.stack([sdpa_row(case, b) for b in range(len(case.keys))])
     torch.testing.assert_close(result.output.float(), expected, **tolerance(case.query.dtype))
     assert torch.equal(result.long_heads, (n_bulk(case) > 0).unsqueeze(1).expand_as(result.long_heads))
@@ -88,7 +82,7 @@ def test_full_equals_sdpa(case: PagedCase) -> None:
 
 @pytest.mark.parametrize("t_sink,t_local", [(T_SINK, T_LOCAL), (0, 1), (5, 20), (40, 200)])
 def test_local_equals_window_reference(case: PagedCase, t_sink: int, t_local: int) -> None:
-    result = decode(case, PolicyConfig(policy="local", t_sink=t_sink, t_local=t_local))
+    result = decode(case, QadaSettings(policy="local", t_sink=t_sink, t_local=t_local))
     assert not result.long_heads.any() and not result.long_groups.any()
     assert_matches_masked_reference(case, result, t_sink, t_local)
 
@@ -96,22 +90,23 @@ def test_local_equals_window_reference(case: PagedCase, t_sink: int, t_local: in
 def test_static_mask_mixed_heads(case: PagedCase) -> None:
     num_heads = case.query.shape[1]
     mask = torch.arange(num_heads) % 3 == 1  # one head in three: some groups long, some local
-    result = decode(case, PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL), static_mask=mask)
+    result = decode(case, QadaSettings(policy="static", t_sink=T_SINK, t_local=T_LOCAL), long_mask=mask)
     assert torch.equal(result.long_heads, mask & (n_bulk(case) > 0).unsqueeze(1))
     assert_matches_masked_reference(case, result)
 
 
 def test_random_is_seeded_and_exact(case: PagedCase) -> None:
-    cfg = PolicyConfig(policy="random", random_fraction=0.4, t_sink=T_SINK, t_local=T_LOCAL)
-    first = decode(case, cfg, generator=torch.Generator().manual_seed(7))
-    again = decode(case, cfg, generator=torch.Generator().manual_seed(7))
+    cfg = QadaSettings(policy="random", random_fraction=0.4, t_sink=T_SINK, t_local=T_LOCAL)
+    batch, heads = case.query.shape[:2]
+    first = decode(case, cfg, long_mask=random_long_mask(0.4, batch, heads, torch.Generator().manual_seed(7)))
+    again = decode(case, cfg, long_mask=random_long_mask(0.4, batch, heads, torch.Generator().manual_seed(7)))
     assert torch.equal(first.long_heads, again.long_heads)
     assert_matches_masked_reference(case, first)
 
 
 def test_oracle_decisions(case: PagedCase) -> None:
     tau = 0.5
-    result = decode(case, PolicyConfig(policy="oracle", tau=tau, t_sink=T_SINK, t_local=T_LOCAL))
+    result = decode(case, QadaSettings(policy="oracle", tau=tau, t_sink=T_SINK, t_local=T_LOCAL))
     log_ratio = torch.stack(
         [
             bulk.logsumexp(-1) - local.logsumexp(-1)
@@ -138,8 +133,10 @@ def gaussian_log_ratio(case: PagedCase, b: int, n: float, mu, sigma, local) -> t
 
 @pytest.mark.parametrize("tau", [0.3, 0.8])
 def test_qada_prompt_decisions(case: PagedCase, tau: float) -> None:
-    cfg = PolicyConfig(policy="qada", stats="prompt", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
-    moments = fresh_moments(case.key_cache, case.block_table, case.seq_lens.tolist(), T_SINK, T_LOCAL)
+    cfg = QadaSettings(policy="qada", stats="prompt", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
+    moments = fresh_moments(
+        CPU_VEC, case.key_cache, case.block_table, case.seq_lens.tolist(), T_SINK, T_LOCAL
+    )
     result = decode(case, cfg, moments=moments)
 
     rows = []
@@ -163,7 +160,7 @@ def test_qada_calib_decisions(case: PagedCase) -> None:
     mu = torch.randn(case.num_kv_heads, head_dim, generator=gen)
     a = torch.randn(case.num_kv_heads, head_dim, head_dim, generator=gen)
     sigma = a @ a.transpose(1, 2) / head_dim
-    cfg = PolicyConfig(policy="qada", stats="calib", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
+    cfg = QadaSettings(policy="qada", stats="calib", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
     result = decode(case, cfg, calib=(mu, sigma))
 
     rows = []
@@ -176,7 +173,7 @@ def test_qada_calib_decisions(case: PagedCase) -> None:
 
 def test_qada_local_stats_decisions(case: PagedCase) -> None:
     tau = 0.5
-    cfg = PolicyConfig(policy="qada", stats="local", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
+    cfg = QadaSettings(policy="qada", stats="local", tau=tau, t_sink=T_SINK, t_local=T_LOCAL)
     result = decode(case, cfg)
     rows = []
     for b in range(len(case.keys)):
@@ -191,7 +188,7 @@ def test_gqa_one_long_head_makes_its_group_long() -> None:
     case = make_case([400, 300], num_kv_heads=3, group=3, block_size=32, dtype=torch.float32, seed=11)
     mask = torch.zeros(9, dtype=torch.bool)
     mask[4] = True  # middle head of group 1
-    result = decode(case, PolicyConfig(policy="static", t_sink=T_SINK, t_local=T_LOCAL), static_mask=mask)
+    result = decode(case, QadaSettings(policy="static", t_sink=T_SINK, t_local=T_LOCAL), long_mask=mask)
     assert result.long_groups.tolist() == [[False, True, False]] * 2
     for b, length in enumerate(case.seq_lens.tolist()):
         full = sdpa_row(case, b)
@@ -216,13 +213,13 @@ def poison_unread_bulk(case: PagedCase, long_groups: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("policy", ["local", "static"])
 def test_local_groups_never_read_bulk(case: PagedCase, policy: str) -> None:
-    cfg = PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL)
+    cfg = QadaSettings(policy=policy, t_sink=T_SINK, t_local=T_LOCAL)
     mask = torch.arange(case.query.shape[1]) < case.query.shape[1] // case.num_kv_heads  # group 0 long
     expected_groups = group_rule(mask & (n_bulk(case) > 0).unsqueeze(1), case.num_kv_heads)
     if policy == "local":
         expected_groups = torch.zeros_like(expected_groups)
     poison_unread_bulk(case, expected_groups)
-    result = decode(case, cfg, static_mask=mask)
+    result = decode(case, cfg, long_mask=mask)
     assert torch.equal(result.long_groups, expected_groups)
     assert_matches_masked_reference(case, result)
 
@@ -242,7 +239,7 @@ def test_block_layouts_agree(layout: str, dtype: torch.dtype, policy: str) -> No
         case = relayout(case, LAYOUTS[layout], seed=1)
     mask = torch.tensor([True, False, False, False, True, True])  # groups 0 and 2 long
     result = decode(
-        case, PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL, tau=0.5), static_mask=mask
+        case, QadaSettings(policy=policy, t_sink=T_SINK, t_local=T_LOCAL, tau=0.5), long_mask=mask
     )
     if policy == "full":
         expected = torch.stack([sdpa_row(case, b) for b in range(len(seq_lens))])
@@ -254,16 +251,16 @@ def test_block_layouts_agree(layout: str, dtype: torch.dtype, policy: str) -> No
 @pytest.mark.parametrize("t_sink,t_local", [(T_SINK, T_LOCAL), (0, 1), (40, 200), (16, 128)])
 def test_plan_shared_across_layers(t_sink: int, t_local: int) -> None:
     case = relayout(make_case([1, 20, 130, 129, 700], 3, 3, 32, torch.float32, seed=2), [3, 1])
-    cfg = PolicyConfig(policy="static", t_sink=t_sink, t_local=t_local)
+    cfg = QadaSettings(policy="static", t_sink=t_sink, t_local=t_local)
     plan = plan_decode(case.block_table, case.seq_lens, cfg, block_size=32, num_kv_heads=3)
     for layer in range(3):  # different static masks per layer, one plan
         mask = (torch.arange(9) // 3) == layer
-        with_plan = decode(case, cfg, static_mask=mask, plan=plan)
-        without = decode(case, cfg, static_mask=mask)
+        with_plan = decode(case, cfg, long_mask=mask, plan=plan)
+        without = decode(case, cfg, long_mask=mask)
         torch.testing.assert_close(with_plan.output, without.output, rtol=0, atol=0)
         assert_matches_masked_reference(case, with_plan, t_sink, t_local)
     with pytest.raises(ValueError, match="plan does not match"):
-        decode(case, PolicyConfig(policy="local", t_sink=t_sink, t_local=t_local + 1), plan=plan)
+        decode(case, QadaSettings(policy="local", t_sink=t_sink, t_local=t_local + 1), plan=plan)
 
 
 def test_stale_tails_and_far_scores() -> None:
@@ -272,7 +269,7 @@ def test_stale_tails_and_far_scores() -> None:
     case = make_case([33, 64, 65, 500], 2, 2, 32, torch.float32, seed=4)
     case.query[3] *= 40.0  # scores spread over hundreds: many exp arguments below -87
     for policy in ("local", "full"):
-        result = decode(case, PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL))
+        result = decode(case, QadaSettings(policy=policy, t_sink=T_SINK, t_local=T_LOCAL))
         assert_matches_masked_reference(case, result)
 
 
@@ -285,34 +282,8 @@ def test_strided_query(policy: str) -> None:
     qkv[:, : heads * dim] = case.query.flatten(1)
     strided = qkv[:, : heads * dim].view(batch, heads, dim)
     assert not strided.is_contiguous()
-    cfg = PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL)
+    cfg = QadaSettings(policy=policy, t_sink=T_SINK, t_local=T_LOCAL)
     mask = torch.arange(heads) < 3
-    expected = decode(case, cfg, static_mask=mask)
-    got = paged_decode(
-        strided,
-        case.key_cache,
-        case.value_cache,
-        case.block_table,
-        case.seq_lens,
-        case.scale,
-        cfg,
-        static_mask=mask,
-    )
+    expected = decode(case, cfg, long_mask=mask)
+    got = decode(replace(case, query=strided), cfg, long_mask=mask)
     torch.testing.assert_close(got.output, expected.output, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("policy", ["local", "qada"])
-def test_min_bulk_steps_read_everything(policy: str) -> None:
-    """A step whose bulks add up to fewer than min_bulk tokens reads everything (heads with a
-    bulk count as long); at or above it, the policy decides as without min_bulk."""
-    case = make_case([60, 200, 700, 1000], 3, 3, 32, torch.float32, seed=7)  # bulks 0, 120, 620, 920
-    moments = fresh_moments(case.key_cache, case.block_table, case.seq_lens.tolist(), T_SINK, T_LOCAL)
-    base = PolicyConfig(policy=policy, t_sink=T_SINK, t_local=T_LOCAL, tau=0.5)
-    plain = decode(case, base, moments=moments)
-    decided = decode(case, PolicyConfig(**{**base.__dict__, "min_bulk": 1660}), moments=moments)
-    assert torch.equal(decided.long_heads, plain.long_heads) and not decided.long_heads.all()
-    assert_matches_masked_reference(case, decided)
-    everything = decode(case, PolicyConfig(**{**base.__dict__, "min_bulk": 1661}), moments=moments)
-    assert torch.equal(everything.long_heads, (n_bulk(case) > 0).unsqueeze(1).expand(4, 9))
-    expected = torch.stack([sdpa_row(case, b) for b in range(4)])
-    torch.testing.assert_close(everything.output, expected, **tolerance(torch.float32))

@@ -1,6 +1,7 @@
 """The GPU backend's host logic run on CPU: vLLM's Triton builder and impl classes as the engine
-drives them, step after step, with the Triton kernel call replaced by a recorder that checks the
-key moments it is given against moments recomputed from the cache."""
+drives them, step after step, with the kernel calls (ours and vLLM's Triton kernel) replaced by
+recorders; the key moments our kernel is given are checked against moments recomputed from the
+cache."""
 
 from __future__ import annotations
 
@@ -10,14 +11,17 @@ import pytest
 import torch
 
 vllm = pytest.importorskip("vllm")
-from vllm.config import set_current_vllm_config  # noqa: E402
-from vllm.engine.arg_utils import EngineArgs  # noqa: E402
-from vllm.v1.attention.backend import CommonAttentionMetadata  # noqa: E402
-from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
+from vllm.config import set_current_vllm_config
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from attention_backend import gpu_backend  # noqa: E402
-from attention_backend.state import WORKER_STATE  # noqa: E402
-from attention_backend.triton_kernel import DecodeResult  # noqa: E402
+from attention_backend import gpu_backend
+from attention_backend.context import reset_step_context, set_step_context
+from attention_backend.moments import MomentStore
+from attention_backend.policy import DecodeResult
+from attention_backend.testing.batches import BatchSpec, step_context
 
 HQ, HKV, D, BS, LAYER = 9, 3, 64, 16, 0
 NUM_BLOCKS = 200
@@ -46,29 +50,38 @@ class GpuHost:
         self.tables: dict[str, torch.Tensor] = {}
         self.free = list(torch.randperm(NUM_BLOCKS, generator=gen).tolist())
         self.layer = SimpleNamespace(layer_name=f"model.layers.{LAYER}.self_attn.attn")
-        self.seen: list[tuple] = []  # (req ids, seq lens, moments) the kernel was given
+        self.seen: list[tuple] = []  # (req ids, seq lens, moments, settings) our kernel was given
+        self.stock_steps = 0
         monkeypatch.setattr(gpu_backend, "qada_decode", self._kernel)
+        monkeypatch.setattr(TritonAttentionImpl, "forward", self._stock_kernel)
+        self.moments = MomentStore()  # the worker's, across steps
+        self.settings: dict = {}
         self._step_req_ids: list[str] = []
 
-    def _kernel(self, query, key_cache, value_cache, table, seq_lens, scale, cfg, **kwargs):
-        if "moments" in kwargs:
-            n, s1, s2 = kwargs["moments"]
-            rows = kwargs.get("moment_rows")
-            rows = torch.arange(len(seq_lens)) if rows is None else rows
-            self.seen.append(
-                (
-                    list(self._step_req_ids),
-                    seq_lens.tolist(),
-                    (n[rows].clone(), s1[rows].clone(), s2[rows].clone()),
-                    cfg,
-                )
+    def _kernel(self, decode, settings, inputs):
+        if inputs.moments is not None:
+            n, s1, s2, _ = inputs.moments.per_row()
+            record = (
+                list(self._step_req_ids),
+                decode.seq_lens.tolist(),
+                (n, s1.clone(), s2.clone()),
+                settings,
             )
-        batch = query.shape[0]
+            self.seen.append(record)
+        batch = decode.query.shape[0]
         long_heads = torch.zeros(batch, HQ, dtype=torch.bool)
-        return DecodeResult(torch.zeros_like(query), long_heads, torch.zeros(batch, HKV, dtype=torch.bool))
+        return DecodeResult(
+            torch.zeros_like(decode.query), long_heads, torch.zeros(batch, HKV, dtype=torch.bool)
+        )
+
+    def _stock_kernel(self, *args, **kwargs):
+        self.stock_steps += 1
 
     def configure(self, **settings) -> None:
-        WORKER_STATE.configure({"policy": "qada", "stats": "prompt", "t_sink": 4, "t_local": 32, **settings})
+        self.settings = {"policy": "qada", "stats": "prompt", "t_sink": 4, "t_local": 32, **settings}
+
+    def forget(self, req_ids: list[str]) -> None:
+        self.moments.forget(req_ids)  # what the worker does for finished and preempted requests
 
     def step(self, rows: dict[str, int]) -> None:
         """One decode step: each request decodes its token at position length - 1."""
@@ -89,15 +102,16 @@ class GpuHost:
             block_table_tensor=torch.stack([self.tables[r] for r in req_ids]),
             slot_mapping=torch.zeros(batch, dtype=torch.int64),
         )
-        WORKER_STATE.runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=req_ids))
         self._step_req_ids = req_ids
-        meta = self.builder.build(0, cm)
-        query = torch.randn(batch, HQ * D)
-        output = torch.empty(batch, HQ * D)
-        self.impl.forward(
-            self.layer, query, query[:, : HKV * D], query[:, : HKV * D], self.kv_cache, meta, output
-        )
-        WORKER_STATE.counters.end_step()
+        spec = BatchSpec(seq_lens=seq_lens.tolist(), query_lens=[1] * batch, req_ids=req_ids)
+        set_step_context(step_context(spec, self.settings, self.moments))
+        try:
+            meta = self.builder.build(0, cm)
+            query = torch.randn(batch, HQ, D)
+            output = torch.empty(batch, HQ, D)
+            self.impl.forward(self.layer, query, query[:, :HKV], query[:, :HKV], self.kv_cache, meta, output)
+        finally:
+            reset_step_context()
 
     def expected_moments(self, req_id: str, seq_len: int, t_sink: int, t_local: int):
         pos = torch.arange(t_sink, max(t_sink, seq_len - t_local))
@@ -106,9 +120,9 @@ class GpuHost:
         return len(pos), keys.sum(0), torch.einsum("nhd,nhe->hde", keys, keys)
 
     def assert_last_moments_exact(self) -> None:
-        req_ids, seq_lens, (n, s1, s2), cfg = self.seen[-1]
+        req_ids, seq_lens, (n, s1, s2), settings = self.seen[-1]
         for i, (r, length) in enumerate(zip(req_ids, seq_lens)):
-            want_n, want_s1, want_s2 = self.expected_moments(r, length, cfg.t_sink, cfg.t_local)
+            want_n, want_s1, want_s2 = self.expected_moments(r, length, settings.t_sink, settings.t_local)
             assert int(n[i]) == want_n, f"{r}: n {int(n[i])} != {want_n}"
             torch.testing.assert_close(s1[i], want_s1, rtol=1e-4, atol=1e-3, msg=f"{r}: S1 is stale")
             torch.testing.assert_close(s2[i], want_s2, rtol=1e-4, atol=1e-2, msg=f"{r}: S2 is stale")
@@ -116,12 +130,7 @@ class GpuHost:
 
 @pytest.fixture
 def host(vllm_config, monkeypatch):
-    from attention_backend.gpu_backend import MOMENT_ROWS
-
-    MOMENT_ROWS.row_of.clear()
-    host = GpuHost(vllm_config, monkeypatch)
-    yield host
-    WORKER_STATE.runner = None
+    return GpuHost(vllm_config, monkeypatch)
 
 
 def test_moments_stay_exact_across_a_policy_switch(host):
@@ -136,6 +145,7 @@ def test_moments_stay_exact_across_a_policy_switch(host):
     for _ in range(4):
         host.step(lengths)
         lengths = {r: n + 1 for r, n in lengths.items()}
+    assert host.stock_steps == 4  # full reads everything on vLLM's kernel
     host.configure()
     host.step(lengths)
     host.assert_last_moments_exact()
@@ -160,7 +170,7 @@ def test_moments_stay_exact_as_rows_finish_and_return(host):
     host.assert_last_moments_exact()
     host.step({"a": 302, "b": 202})
     host.assert_last_moments_exact()
-    WORKER_STATE.forget(["a"])
+    host.forget(["a"])
     host.step({"c": 150, "b": 203})
     host.assert_last_moments_exact()
     host.step({"c": 151, "b": 204})

@@ -11,19 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from benchmarks.vllm_unified import installed_ops_dir  # noqa: E402
+from attention_backend.testing.vllm_unified import installed_ops_dir
+from serving.testing import REPO
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="runs its own interpreter process")
 def test_benchmark_smoke_run_on_cpu(tmp_path: Path) -> None:
     proc = subprocess.run(
         [
             sys.executable,
-            "benchmarks/triton_decode.py",
+            "-m",
+            "benchmarks.triton_decode",
             "--device",
             "cpu",
             "--dtype",
@@ -46,7 +43,7 @@ def test_benchmark_smoke_run_on_cpu(tmp_path: Path) -> None:
             "--out",
             str(tmp_path),
         ],
-        cwd=ROOT,
+        cwd=REPO,
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
         text=True,

@@ -1,0 +1,106 @@
+"""The worker's side of QAdA: the launch settings applied at init_device, policy changes
+validated and swapped in whole between steps, the step context set for exactly one step (even
+one that fails), each step's decisions counted once, and finished requests' moments freed."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from attention_backend.context import LayerDecisions, get_step_context
+from attention_backend.testing.batches import BatchSpec, stand_in_runner
+from attention_backend.worker import QadaWorkerMixin
+
+
+class StandInWorker:
+    """What the mixin uses of vLLM's worker: its config, device, model runner and execute_model,
+    which here runs one "layer" that records decisions for the batch's rows."""
+
+    def __init__(self, additional_config: dict) -> None:
+        self.vllm_config = SimpleNamespace(additional_config=additional_config)
+        self.model_runner = stand_in_runner(BatchSpec(seq_lens=[500, 300], query_lens=[1, 1]))
+        self.seen_context = None
+
+    def init_device(self) -> None:
+        self.device = torch.device("cpu")
+
+    def execute_model(self, scheduler_output, fail: bool = False):
+        ctx = self.seen_context = get_step_context()
+        assert ctx is not None
+        req_ids = ctx.batch_req_ids(2)
+        long_heads = torch.tensor([[True, False, False], [False, False, False]])
+        ctx.decisions.append(
+            LayerDecisions(
+                0,
+                req_ids,
+                torch.tensor([500, 300]),
+                long_heads,
+                long_heads.any(1, keepdim=True),
+                token_bytes=512,
+            )
+        )
+        if fail:
+            raise RuntimeError("the step failed")
+        return "output"
+
+
+class Worker(QadaWorkerMixin, StandInWorker):
+    pass
+
+
+def scheduled(finished=()):
+    return SimpleNamespace(finished_req_ids=set(finished), preempted_req_ids=None)
+
+
+def test_launch_settings_are_applied_at_init_device():
+    worker = Worker({"qada": {"policy": "local", "t_local": 64}})
+    worker.init_device()
+    assert worker.qada_settings()["policy"] == "local" and worker.qada_settings()["t_local"] == 64
+
+
+def test_policy_changes_are_validated_and_swapped_whole(tmp_path):
+    worker = Worker({"qada": {"tau": 0.7}})
+    worker.init_device()
+    before = worker.qada_settings()
+    for bad in (
+        {"tau": 1.5},
+        {"policy": "static"},
+        {"policy": "static", "static_heads": str(tmp_path / "no.json")},
+        {"surprise": 1},
+    ):
+        with pytest.raises((ValueError, OSError)):
+            worker.qada_configure(bad)
+        assert worker.qada_settings() == before  # a rejected change changes nothing
+    path = tmp_path / "heads.json"
+    path.write_text(json.dumps({"num_layers": 2, "num_heads": 3, "long_heads": [[1, 2]]}))
+    applied = worker.qada_configure({"policy": "static", "static_heads": str(path)})
+    assert applied["policy"] == "static" and applied["tau"] == 0.8  # the rest back to defaults (PUT)
+    worker.execute_model(scheduled())
+    policy = worker.seen_context.policy
+    assert policy.static_heads.tolist() == [[False] * 3, [False, False, True]]
+    assert policy.layer_inputs(1, 4, 3, torch.device("cpu")).long_mask.tolist() == [False, False, True]
+
+
+def test_each_step_gets_its_own_context_and_is_counted_once():
+    worker = Worker({"qada": {}})
+    worker.init_device()
+    assert worker.execute_model(scheduled()) == "output"
+    assert get_step_context() is None  # reset when the step ends
+    with pytest.raises(RuntimeError, match="the step failed"):
+        worker.execute_model(scheduled(), fail=True)
+    assert get_step_context() is None  # also when it fails
+    counts = worker.qada_counters()
+    assert counts["layers"][0]["rows"] == 4 and counts["layers"][0]["long_heads"] == 2
+    assert worker._qada_requests.decisions["req-0"].decode_steps == 2  # both steps, once each
+
+
+def test_finished_requests_free_their_moments():
+    worker = Worker({"qada": {}})
+    worker.init_device()
+    store = worker._qada_moments
+    store.plan(["req-0", "req-1"], torch.zeros(2, 8, dtype=torch.int32), [500, 300], (16, 128), 128)
+    worker.execute_model(scheduled(finished=["req-0"]))
+    assert "req-0" not in store and "req-1" in store
