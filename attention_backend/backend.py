@@ -202,6 +202,7 @@ class QadaImplMixin:
     implements `_caches`, `_attend` and `_read_everything`."""
 
     layout: KVLayout
+    _qada_layer_index: int | None = None
 
     def _caches(self, kv_cache: Tensor) -> tuple[Tensor, Tensor]:
         """(key_cache, value_cache) views of vLLM's per-layer cache in `layout`."""
@@ -249,18 +250,21 @@ class QadaImplMixin:
         ran stock), their decisions recorded in the step context."""
         ctx, rows = get_step_context(), meta.decode
         settings = ctx.policy.settings
-        queries = query[rows.token_index]
-        shape, queries = queries.shape, queries.view(len(rows), self.num_heads, self.head_size)
-        batch = DecodeBatch(queries, *self._caches(kv_cache), rows.block_table, rows.seq_lens, self.scale)
-        decisions = reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads)
-        if meta.stock is None and not rows.decided:
-            output[rows.token_index] = self._read_everything(batch).view(shape)
-        elif meta.stock is None:
+        stock_step = meta.stock is not None  # its outputs are written already
+        batch = None
+        if not stock_step or settings.observe:
+            queries = query[rows.token_index]
+            shape, queries = queries.shape, queries.view(len(rows), self.num_heads, self.head_size)
+            batch = DecodeBatch(queries, *self._caches(kv_cache), rows.block_table, rows.seq_lens, self.scale)
+        if stock_step or not rows.decided:
+            if not stock_step:
+                output[rows.token_index] = self._read_everything(batch).view(shape)
+            decisions = reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads)
+        else:
             inputs = ctx.policy.layer_inputs(layer, len(rows), self.num_heads, query.device)
             if rows.moments is not None:
-                inputs = inputs._replace(
-                    moments=ctx.moments.read(layer, self.layout, batch.key_cache, rows.moments)
-                )
+                moments = ctx.moments.read(layer, self.layout, batch.key_cache, rows.moments)
+                inputs = inputs._replace(moments=moments)
             result = self._attend(batch, rows, settings, inputs)
             output[rows.token_index] = result.output.view(shape)
             decisions = result.long_heads, result.long_groups
@@ -274,7 +278,6 @@ class QadaImplMixin:
         )
 
     def _layer_index(self, layer) -> int:
-        index = getattr(self, "_qada_layer_index", None)
-        if index is None:
-            index = self._qada_layer_index = extract_layer_index(layer.layer_name)
-        return index
+        if self._qada_layer_index is None:  # the layer's name is known only at forward
+            self._qada_layer_index = extract_layer_index(layer.layer_name)
+        return self._qada_layer_index

@@ -13,7 +13,6 @@ import torch
 vllm = pytest.importorskip("vllm")
 from vllm.config import set_current_vllm_config
 from vllm.engine.arg_utils import EngineArgs
-from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.attention.backends.triton_attn import TritonAttentionImpl
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -21,7 +20,7 @@ from attention_backend import gpu_backend
 from attention_backend.context import reset_step_context, set_step_context
 from attention_backend.moments import MomentStore
 from attention_backend.policy import DecodeResult
-from attention_backend.testing.batches import BatchSpec, step_context
+from attention_backend.testing.batches import BatchSpec, common_metadata, step_context
 
 HQ, HKV, D, BS, LAYER = 9, 3, 64, 16, 0
 NUM_BLOCKS = 200
@@ -89,21 +88,10 @@ class GpuHost:
         for r in req_ids:
             if r not in self.tables:
                 self.tables[r] = torch.tensor([self.free.pop() for _ in range(40)], dtype=torch.int32)
-        seq_lens = torch.tensor([rows[r] for r in req_ids], dtype=torch.int32)
         batch = len(req_ids)
-        cm = CommonAttentionMetadata(
-            query_start_loc=torch.arange(batch + 1, dtype=torch.int32),
-            query_start_loc_cpu=torch.arange(batch + 1, dtype=torch.int32),
-            seq_lens=seq_lens,
-            num_reqs=batch,
-            num_actual_tokens=batch,
-            max_query_len=1,
-            max_seq_len=int(seq_lens.max()),
-            block_table_tensor=torch.stack([self.tables[r] for r in req_ids]),
-            slot_mapping=torch.zeros(batch, dtype=torch.int64),
-        )
+        spec = BatchSpec(seq_lens=[rows[r] for r in req_ids], query_lens=[1] * batch, req_ids=req_ids)
+        cm = common_metadata(spec, torch.stack([self.tables[r] for r in req_ids]), BS)
         self._step_req_ids = req_ids
-        spec = BatchSpec(seq_lens=seq_lens.tolist(), query_lens=[1] * batch, req_ids=req_ids)
         set_step_context(step_context(spec, self.settings, self.moments))
         try:
             meta = self.builder.build(0, cm)
