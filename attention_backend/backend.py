@@ -27,6 +27,8 @@ from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 from .context import NO_WORKER, LayerDecisions, StepContext, get_step_context
 from .kv_layout import KVLayout
 from .moments import MomentStep
+from .page_estimate import PagePlan, pages_bulk_lse, plan_pages
+from .page_summaries import PageSummaries
 from .policy import DecodeBatch, DecodeResult, PolicyInputs, bulk_sizes, reads_everything
 from .reference import exact_lse
 from .settings import QadaSettings
@@ -53,6 +55,7 @@ class DecodeRows:
     decided: bool
     plan: Any = None  # the backend's decode plan for the step (CPU: cpu_kernel.DecodePlan)
     moments: MomentStep | None = None  # the step's key-moment update (qada/prompt)
+    pages: PagePlan | None = None  # the bulk pages of its rows (qada/pages)
 
     def __len__(self) -> int:
         return len(self.req_ids)
@@ -109,7 +112,21 @@ class QadaBuilderMixin:
             rows.plan = self._plan_decode(rows, ctx.policy.settings)
             if ctx.policy.settings.needs_moments:
                 rows.moments = self._plan_moments(ctx, rows)
+            if ctx.policy.settings.needs_pages:
+                rows.pages = self._plan_pages(ctx, rows)
         return QadaMetadata(rows, num_decode_tokens, prefill=prefill)
+
+    def _plan_pages(self, ctx: StepContext, rows: DecodeRows) -> PagePlan:
+        settings, block_size = ctx.policy.settings, self.kv_cache_spec.block_size
+        ctx.pages.check(settings.page_chunk, block_size)
+        return plan_pages(
+            rows.block_table,
+            rows.seq_lens_cpu,
+            *settings.window,
+            settings.page_chunk,
+            block_size=block_size,
+            store_chunk=ctx.pages.chunk,
+        )
 
     def _plan_moments(self, ctx: StepContext, rows: DecodeRows) -> MomentStep:
         """The step's key-moment update of the batch's decode rows (prompt-tail rows, several
@@ -218,6 +235,21 @@ class QadaImplMixin:
         """Full attention of rows that are not decided, as the stock kernel computes it."""
         raise NotImplementedError
 
+    def _refresh_pages(
+        self, pages: PageSummaries, layer: int, key_cache: Tensor, slot_mapping: Tensor
+    ) -> None:
+        """Recompute the page summaries of the chunks the step wrote (PyTorch; GPU: Triton)."""
+        pages.refresh(layer, self.layout, key_cache, slot_mapping)
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        """vLLM's write of the step's keys and values, then the page summaries of what it wrote
+        (every step, whatever the policy: they are indexed by physical block, not by request)."""
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        ctx = get_step_context()
+        if ctx is not None and self.attn_type == AttentionType.DECODER:
+            key_cache = self._caches(kv_cache)[0]
+            self._refresh_pages(ctx.pages, self._layer_index(layer), key_cache, slot_mapping[: key.shape[0]])
+
     def forward(
         self,
         layer,
@@ -265,6 +297,12 @@ class QadaImplMixin:
             if rows.moments is not None:
                 moments = ctx.moments.read(layer, self.layout, batch.key_cache, rows.moments)
                 inputs = inputs._replace(moments=moments)
+            if rows.pages is not None:
+                stats = ctx.pages.layer(layer, self.layout, batch.key_cache)
+                bound = settings.stats == "pages_bound"
+                inputs = inputs._replace(
+                    bulk_lse=pages_bulk_lse(self.layout, batch, stats, rows.pages, bound)
+                )
             result = self._attend(batch, rows, settings, inputs)
             output[rows.token_index] = result.output.view(shape)
             decisions = result.long_heads, result.long_groups

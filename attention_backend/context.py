@@ -2,9 +2,9 @@
 
 The worker's `execute_model` sets it before vLLM runs a step and resets it in `finally`; the
 attention builder and the layers read it, and nothing in it outlives the step: the policy in
-force for the whole step, the process's per-request moment store, the model runner (the batch's
-request ids and prompt lengths) and the decisions the layers made, which the worker counts once
-when the step ends (`StepDecisions`, one host sync per step).
+force for the whole step, the process's per-request moment store and page summaries, the model
+runner (the batch's request ids and prompt lengths) and the decisions the layers made, which the
+worker counts once when the step ends (`StepDecisions`, one host sync per step).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .moments import MomentStore
+from .page_summaries import PageSummaries
 from .policy import group_rule
 from .reference import Observation
 from .settings import ActivePolicy
@@ -68,7 +69,12 @@ class StepContext:
     policy: ActivePolicy
     moments: MomentStore
     runner: object  # vLLM's (V1) model runner: its persistent `input_batch` is in batch order
+    pages: PageSummaries | None = None  # the worker's page summaries (a fresh store if none)
     decisions: list[LayerDecisions] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.pages is None:
+            self.pages = PageSummaries(self.policy.settings.page_chunk)
 
     def batch_req_ids(self, num_rows: int) -> list[str]:
         """Ids of the first `num_rows` rows of the batch being built (batch order)."""

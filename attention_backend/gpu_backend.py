@@ -27,6 +27,8 @@ from vllm.v1.attention.backends.triton_attn import (
 
 from .backend import DecodeRows, QadaBackendMixin, QadaBuilderMixin, QadaImplMixin
 from .kv_layout import TRITON_NHD
+from .page_summaries import PageSummaries
+from .page_summary_kernel import refresh_pages
 from .policy import DecodeBatch, DecodeResult, PolicyInputs
 from .settings import QadaSettings
 from .triton_kernel import qada_decode
@@ -63,6 +65,11 @@ class QadaTritonImpl(QadaImplMixin, TritonAttentionImpl):
 
     def _read_everything(self, batch: DecodeBatch) -> Tensor:
         return qada_decode(batch, READ_EVERYTHING).output
+
+    def _refresh_pages(
+        self, pages: PageSummaries, layer: int, key_cache: Tensor, slot_mapping: Tensor
+    ) -> None:
+        refresh_pages(pages.layer(layer, self.layout, key_cache), key_cache, slot_mapping, pages.chunk)
 
 
 class QadaTritonBackend(QadaBackendMixin, TritonAttentionBackend):

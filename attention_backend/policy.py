@@ -58,17 +58,20 @@ class Moments(NamedTuple):
 class PolicyInputs(NamedTuple):
     """What a policy reads besides the query and the cache: bulk-key moments (qada/prompt),
     calibrated statistics mu [Hkv, D] and sigma [Hkv, D, D] (qada/calib), or the decisions as a
-    mask, [Hq] or [B, Hq] (static, random). The settings' `needs_*` properties say which."""
+    mask, [Hq] or [B, Hq] (static, random), or the bulk log-mass [B, Hq] estimated before the
+    kernel runs (qada/pages, `page_estimate`). The settings' `needs_*` properties say which."""
 
     moments: Moments | None = None
     calib: tuple[Tensor, Tensor] | None = None
     long_mask: Tensor | None = None
+    bulk_lse: Tensor | None = None
 
     def to_cpu(self) -> PolicyInputs:
         return PolicyInputs(
             None if self.moments is None else Moments(*(t.cpu() for t in self.moments.per_row()[:3])),
             None if self.calib is None else tuple(t.cpu() for t in self.calib),
             None if self.long_mask is None else self.long_mask.cpu(),
+            None if self.bulk_lse is None else self.bulk_lse.cpu(),
         )
 
 
@@ -155,6 +158,8 @@ def estimated_bulk_lse(
     local_score_stats: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """QAdA's estimate [B, Hq] of the bulk log-mass, from the statistics source `settings.stats`."""
+    if settings.needs_pages:
+        return _require(inputs.bulk_lse, "bulk_lse", "qada/pages")
     if settings.needs_moments:
         moments = _require(inputs.moments, "moments", "qada/prompt")
         if moments.s1.shape[1] != num_kv_heads:
@@ -208,12 +213,18 @@ def decide_long_heads(
             bulk_lse = estimated_bulk_lse(
                 settings, query, scale, n_bulk, num_kv_heads, inputs, local_score_stats
             )
-        long = bulk_lse - local_lse > settings.logit_tau
+        log_ratio = bulk_lse - local_lse
+        if settings.groups == "mean":  # a group's heads go long together
+            share = torch.sigmoid(log_ratio).view(batch, num_kv_heads, -1).mean(-1, keepdim=True)
+            long = (share > settings.tau).expand(-1, -1, num_heads // num_kv_heads).reshape(batch, num_heads)
+        else:
+            long = log_ratio > settings.logit_tau
     return long & (n_bulk > 0).unsqueeze(1).to(long.device)
 
 
 def group_rule(long_heads: Tensor, num_kv_heads: int) -> Tensor:
-    """Bool [B, Hkv]: a KV group is read in full if any of its query heads is long."""
+    """Bool [B, Hkv]: a KV group is read in full if any of its query heads is long (with
+    `groups: mean`, `decide_long_heads` has made a group's heads agree already)."""
     batch, num_heads = long_heads.shape
     if num_heads % num_kv_heads:
         raise ValueError(f"{num_heads} query heads are not a multiple of {num_kv_heads} KV heads")

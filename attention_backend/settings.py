@@ -21,7 +21,8 @@ from torch import Tensor
 from .policy import PolicyInputs, random_long_mask
 
 POLICIES = ("oracle", "qada", "static", "full", "local", "random")
-STATS_SOURCES = ("prompt", "calib", "local")
+STATS_SOURCES = ("pages", "pages_bound", "prompt", "calib", "local")
+GROUP_RULES = ("any", "mean")
 
 
 class QadaSettings(BaseModel):
@@ -32,11 +33,29 @@ class QadaSettings(BaseModel):
     policy: Literal[POLICIES] = Field(  # type: ignore[valid-type]
         "qada", description="oracle, qada, static, full, local or random"
     )
-    tau: float = Field(0.8, gt=0, lt=1, description="threshold on the bulk's share of softmax mass")
+    tau: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="threshold on the bulk's share of softmax mass (measured: docs/results.md)",
+    )
     t_sink: int = Field(16, ge=0, description="sink tokens (the first positions) every head reads")
     t_local: int = Field(128, ge=1, description="recent tokens every head reads")
     stats: Literal[STATS_SOURCES] = Field(  # type: ignore[valid-type]
-        "prompt", description="qada's key statistics: prompt, calib or local"
+        "pages",
+        description="qada's key statistics: pages (per-page key mean and variance), pages_bound "
+        "(per-page key min/max: an upper bound), prompt (one Gaussian of the bulk), calib or local",
+    )
+    page_chunk: int = Field(
+        32,
+        ge=1,
+        description="tokens per page summary (divides the KV block size). The launch value is what "
+        "is stored; a change later may only coarsen it (a multiple of the launch value)",
+    )
+    groups: Literal[GROUP_RULES] = Field(  # type: ignore[valid-type]
+        "any",
+        description="a KV group is read in full when any of its query heads is long, or (mean) when "
+        "its heads' bulk shares average above tau",
     )
     random_fraction: float = Field(0.5, ge=0, le=1, description="long share of heads for random")
     seed: int = Field(0, description="seed of the random policy's draws")
@@ -88,6 +107,11 @@ class QadaSettings(BaseModel):
     def needs_moments(self) -> bool:
         """Per-request bulk-key moments (qada's `prompt` statistics)."""
         return self.estimates_bulk and self.stats == "prompt"
+
+    @property
+    def needs_pages(self) -> bool:
+        """Page summaries of the keys (qada's `pages` and `pages_bound` statistics)."""
+        return self.estimates_bulk and self.stats in ("pages", "pages_bound")
 
     @property
     def needs_calib(self) -> bool:

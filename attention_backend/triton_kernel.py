@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 # Policy codes (constexpr): the kernel is specialised per policy, named as the settings name
 # them; MASK is static and random alike (their decisions come as a mask).
-FULL, LOCAL, ORACLE, MASK, QADA_PROMPT, QADA_CALIB, QADA_LOCAL = (tl.constexpr(i) for i in range(7))
+# QADA_PAGES reads a bulk log-mass estimated before the launch (`page_estimate`).
+FULL, LOCAL, ORACLE, MASK, QADA_PROMPT, QADA_CALIB, QADA_LOCAL, QADA_PAGES = (
+    tl.constexpr(i) for i in range(8))
 NEG = tl.constexpr(-1.0e30)  # running-max start: finite, so fully masked tiles give exp(-inf - NEG) = 0
 
 
@@ -83,14 +85,26 @@ def _attend(q, k_ptr, v_ptr, bt_row, start, end, m, l, acc, ssum, ssq, scale,
 
 
 @triton.jit
+def _decide(ratio, g_ok, has_bulk, logit_tau, tau, G: tl.constexpr, GROUP_MEAN: tl.constexpr):
+    """Long heads of one KV group from log(bulk / local mass) per head (`policy.decide_long_heads`):
+    each head against logit(tau), or (GROUP_MEAN) all of them when their bulk shares average
+    above tau."""
+    if GROUP_MEAN:
+        share = tl.where(g_ok, 1.0 / (1.0 + tl.exp(-ratio)), 0.0)
+        group_long = (tl.sum(share, 0) > tau * G).to(tl.int32)  # ints: the interpreter's & of a
+        return (g_ok & has_bulk).to(tl.int32) * group_long != 0  # vector and a scalar bool fails
+    return g_ok & has_bulk & (ratio > logit_tau)
+
+
+@triton.jit
 def _local_kernel(
-    q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, mask_ptr, slot_ptr, n_ptr, m1_ptr, m2_ptr,
+    q_ptr, k_ptr, v_ptr, bt_ptr, seq_ptr, mask_ptr, slot_ptr, n_ptr, m1_ptr, m2_ptr, bulk_ptr,
     lout_ptr, llse_ptr, ratio_ptr, long_heads_ptr, long_groups_ptr,
-    scale, logit_tau, t_sink, t_local,
+    scale, logit_tau, tau, t_sink, t_local,
     stride_qb, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
     stride_btb, stride_mb, stride_mh, stride_m1b, stride_m1h, stride_m2b, stride_m2h,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DC: tl.constexpr, BS: tl.constexpr,
-    TILE: tl.constexpr, POLICY: tl.constexpr, IEEE: tl.constexpr,
+    TILE: tl.constexpr, POLICY: tl.constexpr, GROUP_MEAN: tl.constexpr, IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -135,6 +149,11 @@ def _local_kernel(
     elif POLICY == MASK:
         flag = tl.load(mask_ptr + b * stride_mb + heads * stride_mh, mask=g_ok, other=0)
         long = (flag != 0) & has_bulk
+    elif POLICY == QADA_PAGES:
+        bulk_lse = tl.load(bulk_ptr + b * num_kv * G + heads, mask=g_ok, other=float("-inf"))
+        ratio = bulk_lse - local_lse
+        tl.store(ratio_ptr + b * num_kv * G + heads, ratio, mask=g_ok)
+        long = _decide(ratio, g_ok, has_bulk, logit_tau, tau, G, GROUP_MEAN)
     else:
         if POLICY == QADA_LOCAL:  # mean / population variance of the local scores (one pass)
             count = (sink_end + seq_len - win_start).to(tl.float32)
@@ -162,7 +181,7 @@ def _local_kernel(
             var = scale * scale * var
         ratio = tl.log(n_bulk.to(tl.float32)) + mean + var / 2 - local_lse  # -inf without bulk
         tl.store(ratio_ptr + b * num_kv * G + heads, ratio, mask=g_ok)
-        long = g_ok & has_bulk & (ratio > logit_tau)
+        long = _decide(ratio, g_ok, has_bulk, logit_tau, tau, G, GROUP_MEAN)
     if POLICY != ORACLE:
         tl.store(long_heads_ptr + b * num_kv * G + heads, long.to(tl.int8), mask=g_ok)
     tl.store(long_groups_ptr + b * num_kv + h, tl.max(long.to(tl.int8), 0))
@@ -213,8 +232,9 @@ def _bulk_kernel(
 @triton.jit
 def _merge_kernel(
     out_ptr, lout_ptr, llse_ptr, pout_ptr, plse_ptr, ratio_ptr, long_heads_ptr, long_groups_ptr,
-    logit_tau, stride_ob, stride_oh,
+    logit_tau, tau, stride_ob, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, POLICY: tl.constexpr,
+    GROUP_MEAN: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -245,7 +265,7 @@ def _merge_kernel(
     if POLICY == ORACLE:  # exact bulk log-mass lse_max + log(w_bulk); -inf without bulk
         ratio = tl.log(w_bulk) + lse_max - local_lse
         tl.store(ratio_ptr + b * num_kv * G + heads, ratio, mask=g_ok)
-        long = g_ok & (ratio > logit_tau)
+        long = _decide(ratio, g_ok, True, logit_tau, tau, G, GROUP_MEAN)
         read = tl.max(long.to(tl.int8), 0) != 0
         tl.store(long_heads_ptr + b * num_kv * G + heads, long.to(tl.int8), mask=g_ok)
         tl.store(long_groups_ptr + b * num_kv + h, read.to(tl.int8))
@@ -257,6 +277,8 @@ def _merge_kernel(
 def policy_code(settings: QadaSettings) -> int:
     if settings.given_mask:
         return MASK.value
+    if settings.needs_pages:
+        return QADA_PAGES.value
     if settings.estimates_bulk:
         return {"prompt": QADA_PROMPT, "calib": QADA_CALIB, "local": QADA_LOCAL}[settings.stats].value
     return {"full": FULL, "local": LOCAL, "oracle": ORACLE}[settings.policy].value
@@ -321,7 +343,12 @@ def qada_decode(
                   else default_splits(batch, num_kv_heads, dev, tile=tile))
     dummy = seq_lens
     mask, stride_mb, stride_mh = dummy, 0, 0
-    moments, calib, long_mask = inputs
+    moments, calib, long_mask, bulk_lse = inputs
+    bulk = dummy
+    if code == QADA_PAGES.value:
+        if bulk_lse is None:
+            raise ValueError("qada/pages needs bulk_lse")
+        bulk = bulk_lse.float().contiguous()
     if code == MASK.value:
         if long_mask is None:
             raise ValueError(f"policy {settings.policy!r} needs long_mask")
@@ -349,6 +376,7 @@ def qada_decode(
     if out is None:
         out = torch.empty_like(query)
 
+    group_mean = settings.groups == "mean"
     meta = dict(G=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, num_warps=num_warps)
     ieee = key_cache.dtype == torch.float32 or (
         key_cache.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
@@ -356,11 +384,12 @@ def qada_decode(
                   value_cache.stride(0), value_cache.stride(1), value_cache.stride(2))
     q_strides = (query.stride(0), query.stride(1))
     _local_kernel[(batch, num_kv_heads)](
-        query, key_cache, value_cache, block_table, seq_lens, mask, rows, n, m1, m2,
+        query, key_cache, value_cache, block_table, seq_lens, mask, rows, n, m1, m2, bulk,
         ws["local_out"], ws["local_lse"], ws["log_ratio"], ws["long_heads"], ws["long_groups"],
-        scale, settings.logit_tau, settings.t_sink, settings.t_local,
+        scale, settings.logit_tau, settings.tau, settings.t_sink, settings.t_local,
         *q_strides, *cache_args, block_table.stride(0), stride_mb, stride_mh, *m_strides,
-        DC=min(32, head_dim), BS=block_size, TILE=tile, POLICY=code, IEEE=ieee, **meta,
+        DC=min(32, head_dim), BS=block_size, TILE=tile, POLICY=code, GROUP_MEAN=group_mean, IEEE=ieee,
+        **meta,
     )
     _bulk_kernel[(batch, num_kv_heads, splits)](
         query, key_cache, value_cache, block_table, seq_lens,
@@ -371,6 +400,7 @@ def qada_decode(
     _merge_kernel[(batch, num_kv_heads)](
         out, ws["local_out"], ws["local_lse"], ws["part_out"], ws["part_lse"], ws["log_ratio"],
         ws["long_heads"], ws["long_groups"],
-        settings.logit_tau, out.stride(0), out.stride(1), SPLITS=splits, POLICY=code, **meta,
+        settings.logit_tau, settings.tau, out.stride(0), out.stride(1), SPLITS=splits, POLICY=code,
+        GROUP_MEAN=group_mean, **meta,
     )
     return DecodeResult(out, ws["long_heads"].view(torch.bool), ws["long_groups"].view(torch.bool))

@@ -2,6 +2,7 @@
 - the policy in force (`ActivePolicy`: applied here at start and on every change, swapped whole
   between steps),
 - the per-request key moments (`MomentStore`), freed when requests finish or are preempted,
+- the page summaries beside the KV cache (`PageSummaries`, at the launch `page_chunk`),
 - the decision counts (`DecisionCounters`, mirrored into Prometheus) and the per-request log
   (`RequestLog`: `usage.qada` and the decision traces),
 and gives each step its context (`context.StepContext`), which the attention builder and layers
@@ -17,6 +18,7 @@ from . import metrics
 from .context import StepContext, reset_step_context, set_step_context
 from .counters import DecisionCounters
 from .moments import MomentStore
+from .page_summaries import PageSummaries
 from .request_log import RequestLog
 from .settings import ActivePolicy, QadaSettings, settings_from_vllm_config
 
@@ -26,16 +28,20 @@ class QadaWorkerMixin:
         super().__init__(*args, **kwargs)
         self._qada_policy: ActivePolicy | None = None  # loaded onto the device in init_device
         self._qada_moments = MomentStore()
+        self._qada_pages: PageSummaries | None = None  # the launch page size is known in init_device
         self._qada_counters = DecisionCounters()
         self._qada_requests = RequestLog()
 
     def init_device(self) -> None:
         super().init_device()
-        self._apply(settings_from_vllm_config(self.vllm_config.additional_config))
+        settings = settings_from_vllm_config(self.vllm_config.additional_config)
+        self._qada_pages = PageSummaries(settings.page_chunk)
+        self._apply(settings)
 
     def _apply(self, settings: QadaSettings) -> None:
         """Load what `settings` need and swap them in whole (between steps: RPCs and steps
         never run at the same time)."""
+        self._qada_pages.check(settings.page_chunk, self.vllm_config.cache_config.block_size)
         policy = ActivePolicy.load(settings, self.device)
         metrics.policy_changed(self._qada_policy and self._qada_policy.settings, settings)
         self._qada_policy = policy
@@ -43,7 +49,7 @@ class QadaWorkerMixin:
     def execute_model(self, scheduler_output, *args, **kwargs):
         self._qada_moments.forget(scheduler_output.finished_req_ids)
         self._qada_moments.forget(getattr(scheduler_output, "preempted_req_ids", None))
-        context = StepContext(self._qada_policy, self._qada_moments, self.model_runner)
+        context = StepContext(self._qada_policy, self._qada_moments, self.model_runner, self._qada_pages)
         set_step_context(context)
         try:
             return super().execute_model(scheduler_output, *args, **kwargs)

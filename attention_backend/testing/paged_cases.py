@@ -13,6 +13,8 @@ from torch import Tensor
 
 from ..kv_layout import CPU_VEC, KVLayout
 from ..moments import fresh_moments
+from ..page_estimate import pages_bulk_lse, plan_pages
+from ..page_summaries import PageSummaries
 from ..policy import DecodeBatch, PolicyInputs, local_mask, random_long_mask
 
 HEAD_DIM = 64
@@ -232,6 +234,19 @@ def policy_inputs(case: PagedCase, settings) -> PolicyInputs:
         return PolicyInputs(
             moments=fresh_moments(case.layout, case.key_cache, case.block_table, lengths, *settings.window)
         )
+    if settings.needs_pages:
+        store = page_summaries(case, settings.page_chunk)
+        plan = plan_pages(
+            case.block_table,
+            case.seq_lens,
+            *settings.window,
+            settings.page_chunk,
+            block_size=case.block_size,
+            store_chunk=store.chunk,
+        )
+        stats = store.layer(0, case.layout, case.key_cache)
+        bound = settings.stats == "pages_bound"
+        return PolicyInputs(bulk_lse=pages_bulk_lse(case.layout, case.batch(), stats, plan, bound))
     if settings.needs_calib:
         mu = torch.randn(case.num_kv_heads, head_dim, generator=gen)
         a = torch.randn(case.num_kv_heads, head_dim, head_dim, generator=gen)
@@ -243,3 +258,22 @@ def policy_inputs(case: PagedCase, settings) -> PolicyInputs:
             long_mask=random_long_mask(settings.random_fraction, case.query.shape[0], num_heads, gen)
         )
     return PolicyInputs()
+
+
+def slot_mapping(case: PagedCase, starts: list[int] | None = None) -> Tensor:
+    """int64 [T]: the cache slots of every row's positions [starts[b], seq_len) in row order, as
+    the slot mapping of a step that wrote them."""
+    slots = []
+    for b, length in enumerate(case.seq_lens.tolist()):
+        pos = torch.arange(starts[b] if starts else 0, length)
+        slots.append(
+            case.block_table[b, pos // case.block_size].long() * case.block_size + pos % case.block_size
+        )
+    return torch.cat(slots)
+
+
+def page_summaries(case: PagedCase, chunk: int) -> PageSummaries:
+    """Layer 0's page summaries of the whole case, refreshed as one step that wrote it all."""
+    store = PageSummaries(chunk)
+    store.refresh(0, case.layout, case.key_cache, slot_mapping(case))
+    return store

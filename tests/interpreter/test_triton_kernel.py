@@ -43,6 +43,10 @@ POLICIES = {
     "qada-prompt": dict(policy="qada", stats="prompt"),
     "qada-calib": dict(policy="qada", stats="calib"),
     "qada-local": dict(policy="qada", stats="local"),
+    "qada-pages": dict(policy="qada", stats="pages", page_chunk=16),
+    "qada-bound": dict(policy="qada", stats="pages_bound", page_chunk=16),
+    "qada-pages-mean": dict(policy="qada", stats="pages", page_chunk=16, groups="mean"),
+    "oracle-mean": dict(policy="oracle", groups="mean"),
     "static": dict(policy="static"),
     "random": dict(policy="random", random_fraction=0.4),
 }

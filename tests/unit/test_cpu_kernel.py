@@ -18,6 +18,7 @@ from attention_backend.testing.paged_cases import (
     local_positions,
     make_case,
     masked_reference,
+    policy_inputs,
     relayout,
     row_scores,
     sdpa_row,
@@ -168,6 +169,19 @@ def test_qada_calib_decisions(case: PagedCase) -> None:
         local, _ = local_and_bulk_scores(case, b)
         rows.append(gaussian_log_ratio(case, b, float(n_bulk(case)[b]), mu, sigma, local))
     assert_decisions(case, result, torch.stack(rows), tau)
+    assert_matches_masked_reference(case, result)
+
+
+@pytest.mark.parametrize("stats", ["pages", "pages_bound"])
+def test_qada_pages_decisions(case: PagedCase, stats: str) -> None:
+    """The kernel thresholds the page estimate (checked against the keys in test_pages) against
+    its own local log-mass."""
+    tau = 0.5
+    cfg = QadaSettings(policy="qada", stats=stats, tau=tau, t_sink=T_SINK, t_local=T_LOCAL, page_chunk=32)
+    inputs = policy_inputs(case, cfg)
+    result = paged_decode(case.batch(), cfg, inputs)
+    local = torch.stack([local_and_bulk_scores(case, b)[0].logsumexp(-1) for b in range(len(case.keys))])
+    assert_decisions(case, result, inputs.bulk_lse - local, tau)
     assert_matches_masked_reference(case, result)
 
 

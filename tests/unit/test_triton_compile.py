@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from attention_backend.kv_layout import TRITON_NHD
+from attention_backend.page_summary_kernel import refresh_pages
 from attention_backend.settings import POLICIES as POLICY_NAMES
 from attention_backend.settings import QadaSettings
 from attention_backend.testing.paged_cases import make_case, policy_inputs
@@ -20,7 +21,11 @@ from attention_backend.triton_kernel import qada_decode
 # every policy, and qada with each statistics source
 POLICIES = {
     **{name: QadaSettings(policy=name) for name in POLICY_NAMES if name != "qada"},
-    **{f"qada-{stats}": QadaSettings(policy="qada", stats=stats) for stats in ("prompt", "calib", "local")},
+    **{
+        f"qada-{stats}": QadaSettings(policy="qada", stats=stats, page_chunk=16)
+        for stats in ("prompt", "calib", "local", "pages")
+    },
+    "qada-pages-mean": QadaSettings(policy="qada", stats="pages", page_chunk=16, groups="mean"),
 }
 
 
@@ -88,3 +93,15 @@ def test_vllm_reference_kernel_builds_for_h100(batch: int) -> None:
         ["kernel_unified_attention", "reduce_segments"] if decode.uses_3d else ["kernel_unified_attention"]
     )
     assert all(c.resources()["LOCAL"] == 0 for c in compiled)
+
+
+@pytest.mark.parametrize("chunk", [16, 32])
+def test_page_summary_refresh_builds_for_h100(chunk: int) -> None:
+    case = make_case(
+        [100, 40], 8, 1, 16 if chunk == 16 else 32, torch.bfloat16, head_dim=128, layout=TRITON_NHD
+    )
+    stats = torch.zeros(4, case.key_cache.shape[0] * case.block_size // chunk, 8, 128)
+    with compile_only(90) as compiled:
+        refresh_pages(stats, case.key_cache, torch.arange(50), chunk)
+    assert [c.name for c in compiled] == ["_refresh_kernel"]
+    assert compiled[0].resources()["LOCAL"] == 0

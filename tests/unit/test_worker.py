@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from attention_backend.context import LayerDecisions, get_step_context
+from attention_backend.settings import QadaSettings
 from attention_backend.testing.batches import BatchSpec, stand_in_runner
 from attention_backend.worker import QadaWorkerMixin
 
@@ -20,7 +21,9 @@ class StandInWorker:
     which here runs one "layer" that records decisions for the batch's rows."""
 
     def __init__(self, additional_config: dict) -> None:
-        self.vllm_config = SimpleNamespace(additional_config=additional_config)
+        self.vllm_config = SimpleNamespace(
+            additional_config=additional_config, cache_config=SimpleNamespace(block_size=128)
+        )
         self.model_runner = stand_in_runner(BatchSpec(seq_lens=[500, 300], query_lens=[1, 1]))
         self.seen_context = None
 
@@ -70,6 +73,8 @@ def test_policy_changes_are_validated_and_swapped_whole(tmp_path):
         {"policy": "static"},
         {"policy": "static", "static_heads": str(tmp_path / "no.json")},
         {"surprise": 1},
+        {"page_chunk": 16},  # finer than the launch page size (32): never summarised
+        {"page_chunk": 96},  # does not divide the 128-token block
     ):
         with pytest.raises((ValueError, OSError)):
             worker.qada_configure(bad)
@@ -77,7 +82,7 @@ def test_policy_changes_are_validated_and_swapped_whole(tmp_path):
     path = tmp_path / "heads.json"
     path.write_text(json.dumps({"num_layers": 2, "num_heads": 3, "long_heads": [[1, 2]]}))
     applied = worker.qada_configure({"policy": "static", "static_heads": str(path)})
-    assert applied["policy"] == "static" and applied["tau"] == 0.8  # the rest back to defaults (PUT)
+    assert applied["policy"] == "static" and applied["tau"] == QadaSettings().tau  # the rest: defaults (PUT)
     worker.execute_model(scheduled())
     policy = worker.seen_context.policy
     assert policy.static_heads.tolist() == [[False] * 3, [False, False, True]]
