@@ -10,6 +10,11 @@ FAMILIES = (
     "qada-prompt",
     "qada-local",
     "qada-calib",
+    "qada-pages16",
+    "qada-pages32",
+    "qada-pages128",
+    "qada-bound32",
+    "qada-pages32-mean",
     "static-oracle",
     "static-retrieval",
     "random",
@@ -19,6 +24,11 @@ STYLE = {
     "qada-prompt": "C0-s",
     "qada-local": "C1-^",
     "qada-calib": "C2-v",
+    "qada-pages16": "C5-P",
+    "qada-pages32": "C6-*",
+    "qada-pages128": "C8-p",
+    "qada-bound32": "C9-<",
+    "qada-pages32-mean": "m--*",
     "static-oracle": "C3--D",
     "static-retrieval": "C4--x",
     "random": "C7:.",
@@ -105,9 +115,9 @@ def _pct(x: float | None) -> str:
 
 def _table(summary: dict, protocol: str) -> list[str]:
     lines = [
-        "| setting | accuracy | heads local | KV groups local | FN rate (heads / groups) "
-        "| FP rate (heads / groups) |",
-        "|---|---|---|---|---|---|",
+        "| setting | solved | heads local | KV groups local | FN rate (heads / groups) "
+        "| FP rate (heads / groups) | tokens agreeing with full |",
+        "|---|---|---|---|---|---|---|",
     ]
     for e in summary["settings"]:
         if e["protocol"] != protocol:
@@ -119,9 +129,12 @@ def _table(summary: dict, protocol: str) -> list[str]:
                 f"{_pct(agree['heads'][rate])} / {_pct(agree['groups'][rate])}"
                 for rate in ("false_negative_rate", "false_positive_rate")
             )
+        solved = f"{e['solved']}/{e['probes']}" if "solved" in e else _pct(e["accuracy"])
+        agreement = e.get("full_agreement_tokens")
         lines.append(
-            f"| {e['setting']} | {_pct(e['accuracy'])} | {_pct(e.get('heads_local_fraction'))} "
-            f"| {_pct(e.get('groups_local_fraction'))} | {fn} | {fp} |"
+            f"| {e['setting']} | {solved} | {_pct(e.get('heads_local_fraction'))} "
+            f"| {_pct(e.get('groups_local_fraction'))} | {fn} | {fp} "
+            f"| {'' if agreement is None else f'{agreement:.1f}'} |"
         )
     return lines
 

@@ -11,19 +11,26 @@ from .client import ServerClient
 from .heads import profile_heads, static_head_files
 from .key_stats import key_statistics
 from .summary import summarize
-from .sweep import settings_grid, sweep
+from .sweep import DEFAULT_FAMILIES, settings_grid, sweep
 from .tasks import TASKS, make_probes
 
 QUICK = dict(
-    tasks=["niah_single"], contexts=[1024], depths=[0.5], taus=[0.8], fractions=[0.8], calib_probes=1
+    tasks=["niah_single"],
+    contexts=[1024],
+    depths=[0.5],
+    taus=[0.8],
+    fractions=[0.8],
+    calib_probes=1,
+    families=list(DEFAULT_FAMILIES),
 )
 FULL = dict(
     tasks=list(TASKS),
     contexts=[2048, 4096],
     depths=[0.5],
-    taus=[0.2, 0.5, 0.8, 0.95],
+    taus=[0.1, 0.3, 0.5, 0.8],
     fractions=[0.5, 0.75, 0.9],
     calib_probes=4,
+    families=list(DEFAULT_FAMILIES),
 )
 
 
@@ -61,11 +68,14 @@ def run(
         profile = profile_heads(client, calib_probes, tau=0.8, log=log)
         (out / "head_profile.json").write_text(json.dumps(profile))
         static_files = static_head_files(profile, plan["fractions"], out)
-        calib_ids = tokenizer.encode(haystack[-40_000:], add_special_tokens=False)[:2048]
-        calib = key_statistics(Path(model_dir), calib_ids, t_sink=16, out=out / "calib.safetensors")
+        calib = None
+        if "qada-calib" in plan["families"]:
+            calib_ids = tokenizer.encode(haystack[-40_000:], add_special_tokens=False)[:2048]
+            calib = key_statistics(Path(model_dir), calib_ids, t_sink=16, out=out / "calib.safetensors")
 
         probes = make_probes(tokenizer, haystack, plan["tasks"], plan["contexts"], plan["depths"])
-        grid = settings_grid(plan["taus"], plan["fractions"], static_files, str(calib.resolve()))
+        calib_file = str(calib.resolve()) if calib else None
+        grid = settings_grid(plan["taus"], plan["fractions"], static_files, calib_file, plan["families"])
         results = out / "results.jsonl"
         results.unlink(missing_ok=True)
         log(f"{len(probes)} probes x {len(grid)} settings x {len(protocols)} protocols")

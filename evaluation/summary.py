@@ -1,5 +1,7 @@
-"""Aggregate result rows per (protocol, setting): accuracy, sparsity at query-head and KV-group
-level, and agreement with the oracle (false-negative / false-positive rates)."""
+"""Aggregate result rows per (protocol, setting): accuracy (over probes with answers), sparsity at
+query-head and KV-group level, agreement with the oracle (false-negative / false-positive rates)
+and with full attention's greedy tokens (the common prefix of each output with policy `full`'s on
+the same probe and protocol)."""
 
 from __future__ import annotations
 
@@ -29,17 +31,27 @@ def summarize(rows: list[dict]) -> dict:
             raise ValueError(f"result row lacks {sorted(missing)}")
         groups[row["protocol"], row["setting"]].append(row)
     settings = []
+    full_tokens = {_probe_key(r): r["token_ids"] for r in rows if r["family"] == "full" and "token_ids" in r}
     for (protocol, name), items in groups.items():
+        scored = [r for r in items if r["answers"]]  # generations have no answers, only agreement
         entry = {
             "protocol": protocol,
             "setting": name,
             "family": items[0]["family"],
             "knob": items[0]["knob"],
-            "probes": len(items),
-            "accuracy": sum(r["correct"] for r in items) / len(items),
+            "probes": len(scored),
+            "solved": sum(r["correct"] for r in scored),
+            "accuracy": sum(r["correct"] for r in scored) / max(len(scored), 1),
             "by_task": {},
         }
-        for task in sorted({r["task"] for r in items}):
+        agree = [
+            _common_prefix(r["token_ids"], full_tokens[_probe_key(r)])
+            for r in items
+            if "token_ids" in r and _probe_key(r) in full_tokens and not r["answers"]
+        ]
+        if agree:
+            entry["full_agreement_tokens"] = sum(agree) / len(agree)
+        for task in sorted({r["task"] for r in scored}):
             of_task = [r for r in items if r["task"] == task]
             entry["by_task"][task] = sum(r["correct"] for r in of_task) / len(of_task)
         if "heads_total" in items[0]:
@@ -59,6 +71,20 @@ def summarize(rows: list[dict]) -> dict:
                 }
         settings.append(entry)
     return {"settings": settings, "full_vs_stock": _full_vs_stock(rows)}
+
+
+def _probe_key(row: dict) -> tuple:
+    return row["task"], row["context"], row["probe"], row["protocol"]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy outputs share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _full_vs_stock(rows: list[dict]) -> dict | None:

@@ -19,7 +19,7 @@ from .tasks import Probe, score
 
 @dataclass(frozen=True)
 class Setting:
-    family: str  # full, local, oracle, qada-prompt, qada-local, qada-calib, static-*, random, stock
+    family: str  # full, local, a `TAU_FAMILIES` name, static-*, random, stock
     knob: float | None  # tau, or the local share of heads for static / random
     policy: dict = field(default_factory=dict, hash=False)
     observe: bool = False  # also record the oracle's decisions (agreement rates)
@@ -29,34 +29,49 @@ class Setting:
         return self.family if self.knob is None else f"{self.family}@{self.knob:g}"
 
 
+# Families swept over tau: their policy settings (qada's are observed: FN / FP against the oracle).
+TAU_FAMILIES = {
+    "oracle": {"policy": "oracle"},
+    "qada-prompt": {"policy": "qada", "stats": "prompt"},
+    "qada-local": {"policy": "qada", "stats": "local"},
+    "qada-calib": {"policy": "qada", "stats": "calib"},
+    "qada-pages16": {"policy": "qada", "stats": "pages", "page_chunk": 16},
+    "qada-pages32": {"policy": "qada", "stats": "pages", "page_chunk": 32},
+    "qada-pages128": {"policy": "qada", "stats": "pages", "page_chunk": 128},
+    "qada-bound32": {"policy": "qada", "stats": "pages_bound", "page_chunk": 32},
+    "qada-pages32-mean": {"policy": "qada", "stats": "pages", "page_chunk": 32, "groups": "mean"},
+}
+MASK_FAMILIES = ("static-oracle", "static-retrieval", "random")  # swept over the local share
+DEFAULT_FAMILIES = ("oracle", "qada-pages32", "qada-prompt", "qada-local", "qada-calib", *MASK_FAMILIES)
+
+
 def settings_grid(
     taus: list[float],
     fractions: list[float],
     static_files: dict[str, dict[float, str]],
     calib_file: str | None,
+    families: tuple[str, ...] | list[str] = DEFAULT_FAMILIES,
 ) -> list[Setting]:
-    """full and local ends; oracle and qada (each statistics source) at each tau; static (each
-    ranking) and random at each local share of query heads."""
+    """full and local ends; each tau family at each tau; static (each ranking) and random at each
+    local share of query heads. qada-calib needs `calib_file`."""
+    unknown = set(families) - TAU_FAMILIES.keys() - set(MASK_FAMILIES)
+    if unknown:
+        raise ValueError(f"unknown families {sorted(unknown)}; known: {[*TAU_FAMILIES, *MASK_FAMILIES]}")
     grid = [Setting("full", None, {"policy": "full"}), Setting("local", None, {"policy": "local"})]
     for tau in taus:
-        grid.append(Setting("oracle", tau, {"policy": "oracle", "tau": tau}))
-        grid.append(Setting("qada-prompt", tau, {"policy": "qada", "stats": "prompt", "tau": tau}, True))
-        grid.append(Setting("qada-local", tau, {"policy": "qada", "stats": "local", "tau": tau}, True))
-        if calib_file:
-            grid.append(
-                Setting(
-                    "qada-calib",
-                    tau,
-                    {"policy": "qada", "stats": "calib", "tau": tau, "calib": calib_file},
-                    True,
-                )
-            )
+        for family in families:
+            policy = TAU_FAMILIES.get(family)
+            if policy is None or (family == "qada-calib" and not calib_file):
+                continue
+            policy = {**policy, "tau": tau, **({"calib": calib_file} if family == "qada-calib" else {})}
+            grid.append(Setting(family, tau, policy, observe=policy["policy"] == "qada"))
     for fraction in fractions:
         for ranking, files in static_files.items():
-            grid.append(
-                Setting(f"static-{ranking}", fraction, {"policy": "static", "static_heads": files[fraction]})
-            )
-        grid.append(Setting("random", fraction, {"policy": "random", "random_fraction": 1 - fraction}))
+            if f"static-{ranking}" in families:
+                policy = {"policy": "static", "static_heads": files[fraction]}
+                grid.append(Setting(f"static-{ranking}", fraction, policy))
+        if "random" in families:
+            grid.append(Setting("random", fraction, {"policy": "random", "random_fraction": 1 - fraction}))
     return grid
 
 
@@ -66,7 +81,8 @@ def run_probe(client: ServerClient, probe: Probe, setting: Setting, protocol: st
         result = client.complete(probe.prompt_ids, probe.max_tokens)
     else:
         tail = len(probe.question_ids) if protocol == "decode" else 0
-        client.set_policy({**setting.policy, "observe": setting.observe, "decode_tail": tail})
+        observe = setting.observe and bool(probe.answers)  # generations: agreement with full only
+        client.set_policy({**setting.policy, "observe": observe, "decode_tail": tail})
         result = client.complete(probe.prompt_ids, probe.max_tokens)
         expected = tail + len(result["token_ids"]) - 1  # question tokens + all but the first answer token
         if result["qada"]["decode_steps"] != expected:
@@ -87,6 +103,7 @@ def run_probe(client: ServerClient, probe: Probe, setting: Setting, protocol: st
         "correct": score(result["text"], probe.answers),
         "answers": probe.answers,
         "output": result["text"],
+        "token_ids": result["token_ids"],
     }
     usage = result["qada"]
     if usage:

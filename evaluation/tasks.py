@@ -1,5 +1,7 @@
 """Long-context probes generated offline: needles in a haystack of real prose (RULER-style
-single-key, multi-key and multi-value needles, and variable tracking), as token ids.
+single-key passkeys, one-word values, multi-key and multi-value needles, and variable tracking)
+and open-ended generations (scored by agreement with full attention, not by answers), as token
+ids.
 
 Each probe is a haystack prefix whose length is a multiple of ALIGN tokens, followed by a short
 question. The prefix is policy-independent (prefill is exact) and is reused from vLLM's prefix
@@ -14,7 +16,26 @@ from dataclasses import asdict, dataclass
 from itertools import pairwise
 
 ALIGN = 128  # vLLM's CPU KV block size; also a multiple of the GPU block sizes
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking")
+TASKS = ("niah_single", "niah_word", "niah_multikey", "niah_multivalue", "variable_tracking", "generation")
+GENERATION_TOKENS = 64  # an open-ended continuation, compared token by token with full attention
+VALUE_WORDS = (
+    "bramble",
+    "quartz",
+    "juniper",
+    "mosaic",
+    "thistle",
+    "obsidian",
+    "tangerine",
+    "zephyr",
+    "nutmeg",
+    "sapphire",
+    "pelican",
+    "lavender",
+    "cobalt",
+    "mandolin",
+    "paprika",
+    "hazelnut",
+)
 WORDS = (
     "apple",
     "river",
@@ -73,6 +94,16 @@ def _needles(task: str, rng: random.Random) -> tuple[list[tuple[str, str]], str,
             [key],
             8,
         )
+    if task == "niah_word":  # a one-word value: no digits for the model to copy by pattern
+        word = rng.choice(VALUE_WORDS)
+        return (
+            [(f"The secret word is {word}. Remember it. {word} is the secret word.", word)],
+            "What is the secret word? The secret word is",
+            [word],
+            8,
+        )
+    if task == "generation":  # no needle: the answer is full attention's own continuation
+        return [], "Continue the text above in the same style:", [], GENERATION_TOKENS
     if task == "niah_multikey":
         keys = rng.sample(WORDS, 4)
         values = [number() for _ in keys]
@@ -137,7 +168,7 @@ def make_probe(
         ids += needle
         last = cut
     ids += filler[last:]
-    assert len(ids) == prefix_len
+    assert len(ids) == prefix_len, (len(ids), prefix_len)
     return Probe(
         task, index, prefix_len + len(question_ids), depth, ids, question_ids, answers, spans, max_tokens
     )

@@ -75,6 +75,7 @@ def _eval_run(args: argparse.Namespace) -> None:
         "depths": args.depths,
         "taus": args.taus,
         "fractions": args.fractions,
+        "families": args.families,
     }
     options = {key: getattr(args, key) for key in ("cache_dir", "api_key", "stock_url", "quick", "protocols")}
     command = "qada " + " ".join(sys.argv[1:])
@@ -187,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev_run.add_argument("--depths", nargs="+", type=float)
     ev_run.add_argument("--taus", nargs="+", type=float)
     ev_run.add_argument("--fractions", nargs="+", type=float, help="local shares of heads (static, random)")
+    ev_run.add_argument("--families", nargs="+", help="setting families to sweep (evaluation.sweep)")
     ev_run.set_defaults(func=_eval_run)
     ev_rep = ev_sub.add_parser("report", help="plots and docs/results.md from run directories")
     ev_rep.add_argument("runs", nargs="+", help="directories written by `qada eval run`")

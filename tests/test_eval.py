@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from evaluation.heads import retrieval_score
-from evaluation.report import FAMILIES
 from evaluation.summary import ROW_KEYS, SETTING_KEYS
+from evaluation.sweep import DEFAULT_FAMILIES
 from evaluation.tasks import ALIGN, TASKS, make_probe, score
 from serving.testing import API_KEY
 
@@ -32,7 +32,7 @@ def haystack():
     return haystack_text()
 
 
-@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("task", [t for t in TASKS if t != "generation"])
 def test_probes_hold_their_needles_in_an_aligned_prefix(tokenizer, haystack, task):
     probe = make_probe(tokenizer, haystack, task, 1500, 0.3, index=0)
     assert len(probe.prefix_ids) % ALIGN == 0 and len(probe.question_ids) < ALIGN
@@ -44,6 +44,35 @@ def test_probes_hold_their_needles_in_an_aligned_prefix(tokenizer, haystack, tas
     assert score(" " + " ".join(probe.answers) + ".", probe.answers)
     assert not score(" ".join(probe.answers[:-1]) + " 0", probe.answers)
     assert make_probe(tokenizer, haystack, task, 1500, 0.3, index=0).prompt_ids == probe.prompt_ids
+
+
+def test_generation_probes_are_prose_and_a_cue_scored_by_agreement(tokenizer, haystack):
+    probe = make_probe(tokenizer, haystack, "generation", 1500, 0.5, index=0)
+    assert len(probe.prefix_ids) % ALIGN == 0 and len(probe.question_ids) < ALIGN
+    assert probe.answers == [] and probe.needle_spans == [] and probe.max_tokens == 64
+    assert "Continue the text" in tokenizer.decode(probe.question_ids)
+
+
+def test_summary_counts_solved_probes_and_agreement_with_full():
+    from evaluation.summary import summarize
+
+    def row(task, family, correct, tokens, answers):
+        return dict(
+            task=task, probe=0, context=1000, depth=0.5, protocol="prompt", setting=family, family=family,
+            knob=None, correct=correct, answers=answers, output="", token_ids=tokens,
+        )  # fmt: skip
+
+    rows = [
+        row("niah_single", "full", True, [1, 2], ["7"]),
+        row("generation", "full", True, [5, 6, 7, 8], []),
+        row("niah_single", "local", False, [3], ["7"]),
+        row("generation", "local", True, [5, 6, 9, 8], []),
+    ]
+    by_name = {e["setting"]: e for e in summarize(rows)["settings"]}
+    assert (by_name["full"]["solved"], by_name["full"]["probes"]) == (1, 1)  # generations not scored
+    assert (by_name["local"]["solved"], by_name["local"]["accuracy"]) == (0, 0.0)
+    assert by_name["full"]["full_agreement_tokens"] == 4
+    assert by_name["local"]["full_agreement_tokens"] == 2  # diverges at the third token
 
 
 def test_retrieval_score_counts_copies_from_the_needle(tokenizer, haystack):
@@ -78,7 +107,7 @@ def test_quick_eval_end_to_end(server, qada_server, model_path, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert rows and all(row.keys() >= ROW_KEYS for row in rows)
     families = {(e["family"], e["protocol"]) for e in summary["settings"]}
-    for family in ("full", "local", *FAMILIES):
+    for family in ("full", "local", *DEFAULT_FAMILIES):
         assert {(family, "prompt"), (family, "decode")} <= families
     for entry in summary["settings"]:
         assert entry.keys() >= SETTING_KEYS and 0 <= entry["accuracy"] <= 1
