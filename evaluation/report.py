@@ -140,21 +140,27 @@ def _table(summary: dict, protocol: str) -> list[str]:
 
 
 def _equal_sparsity(summary: dict, protocol: str) -> list[str]:
-    """Each static point next to the qada-prompt point of nearest query-head sparsity."""
+    """Each static point next to the qada point (pages32 where swept, else prompt) of nearest
+    query-head sparsity; nothing without static points."""
     entries = [e for e in summary["settings"] if e["protocol"] == protocol]
-    qada = [e for e in entries if e["family"] == "qada-prompt"]
+    static = [e for e in entries if e["family"].startswith("static")]
+    family = "qada-pages32" if any(e["family"] == "qada-pages32" for e in entries) else "qada-prompt"
+    qada = [e for e in entries if e["family"] == family]
+    if not static or not qada:
+        return []
     lines = [
-        "| static setting | heads local | accuracy | nearest qada-prompt | heads local | accuracy |",
+        "Static head sets against QAdA at equal sparsity:",
+        "",
+        f"| static setting | heads local | accuracy | nearest {family} | heads local | accuracy |",
         "|---|---|---|---|---|---|",
     ]
-    for e in entries:
-        if e["family"].startswith("static") and qada:
-            q = min(qada, key=lambda x: abs(x["heads_local_fraction"] - e["heads_local_fraction"]))
-            lines.append(
-                f"| {e['setting']} | {_pct(e['heads_local_fraction'])} | {_pct(e['accuracy'])} "
-                f"| {q['setting']} | {_pct(q['heads_local_fraction'])} | {_pct(q['accuracy'])} |"
-            )
-    return lines
+    for e in static:
+        q = min(qada, key=lambda x: abs(x["heads_local_fraction"] - e["heads_local_fraction"]))
+        lines.append(
+            f"| {e['setting']} | {_pct(e['heads_local_fraction'])} | {_pct(e['accuracy'])} "
+            f"| {q['setting']} | {_pct(q['heads_local_fraction'])} | {_pct(q['accuracy'])} |"
+        )
+    return [*lines, ""]
 
 
 def write_report(runs: list[Path], docs: Path, notes: Path | None = None) -> Path:
@@ -208,11 +214,9 @@ def write_report(runs: list[Path], docs: Path, notes: Path | None = None) -> Pat
                 "",
                 *_table(summary, protocol),
                 "",
-                "Static head sets against QAdA at equal sparsity:",
-                "",
                 *_equal_sparsity(summary, protocol),
-                "",
             ]
+    out += ["Earlier runs (the old default, `prompt` statistics): [results-earlier.md](results-earlier.md)."]
     path = docs / "results.md"
     path.write_text("\n".join(out) + "\n")
     return path
