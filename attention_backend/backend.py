@@ -120,12 +120,7 @@ class QadaBuilderMixin:
         settings, block_size = ctx.policy.settings, self.kv_cache_spec.block_size
         ctx.pages.check(settings.page_chunk, block_size)
         return plan_pages(
-            rows.block_table,
-            rows.seq_lens_cpu,
-            *settings.window,
-            settings.page_chunk,
-            block_size=block_size,
-            store_chunk=ctx.pages.chunk,
+            rows.block_table, rows.seq_lens_cpu, settings, block_size=block_size, store_chunk=ctx.pages.chunk
         )
 
     def _plan_moments(self, ctx: StepContext, rows: DecodeRows) -> MomentStep:
@@ -299,10 +294,7 @@ class QadaImplMixin:
                 inputs = inputs._replace(moments=moments)
             if rows.pages is not None:
                 stats = ctx.pages.layer(layer, self.layout, batch.key_cache)
-                bound = settings.stats == "pages_bound"
-                inputs = inputs._replace(
-                    bulk_lse=pages_bulk_lse(self.layout, batch, stats, rows.pages, bound)
-                )
+                inputs = inputs._replace(bulk_lse=pages_bulk_lse(self.layout, batch, stats, rows.pages))
             result = self._attend(batch, rows, settings, inputs)
             output[rows.token_index] = result.output.view(shape)
             decisions = result.long_heads, result.long_groups

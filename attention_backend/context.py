@@ -69,12 +69,8 @@ class StepContext:
     policy: ActivePolicy
     moments: MomentStore
     runner: object  # vLLM's (V1) model runner: its persistent `input_batch` is in batch order
-    pages: PageSummaries | None = None  # the worker's page summaries (a fresh store if none)
+    pages: PageSummaries  # the worker's: they outlive the step, like the moments
     decisions: list[LayerDecisions] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        if self.pages is None:
-            self.pages = PageSummaries(self.policy.settings.page_chunk)
 
     def batch_req_ids(self, num_rows: int) -> list[str]:
         """Ids of the first `num_rows` rows of the batch being built (batch order)."""

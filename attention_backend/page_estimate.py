@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -24,12 +25,16 @@ from .kv_layout import KVLayout
 from .page_summaries import MAX, MEAN, MIN, VAR
 from .policy import DecodeBatch, _grouped
 
+if TYPE_CHECKING:
+    from .settings import QadaSettings
+
 
 @dataclass
 class PagePlan:
     """The step's pages, the same for every layer."""
 
     page_chunk: int
+    bound: bool  # pages_bound: Quest's upper bound instead of the Gaussian estimate
     chunk_ids: Tensor  # [B, J, m] int64: the stored chunks of each whole bulk page
     page_valid: Tensor  # [B, J] bool
     exact_blocks: Tensor  # [B, P] int64: physical block of each bulk position outside whole pages
@@ -38,17 +43,12 @@ class PagePlan:
 
 
 def plan_pages(
-    block_table: Tensor,
-    seq_lens: Tensor,
-    t_sink: int,
-    t_local: int,
-    page_chunk: int,
-    *,
-    block_size: int,
-    store_chunk: int,
+    block_table: Tensor, seq_lens: Tensor, settings: QadaSettings, *, block_size: int, store_chunk: int
 ) -> PagePlan:
-    """Pages of each row's bulk: block_table [B, max_blocks] (device), seq_lens [B] (host)."""
-    c, m = page_chunk, page_chunk // store_chunk
+    """Pages of each row's bulk: block_table [B, max_blocks] (device), seq_lens [B] (host), pages
+    of `settings.page_chunk` tokens pooled from stored chunks of `store_chunk`."""
+    t_sink, t_local = settings.window
+    c, m = settings.page_chunk, settings.page_chunk // store_chunk
     seq_lens = seq_lens.long().cpu()
     bulk_end = (seq_lens - t_local).clamp(min=t_sink)  # [B]
     first = -(-t_sink // c)  # first whole page
@@ -78,17 +78,16 @@ def plan_pages(
         m, device=dev
     )
     exact_blocks, exact_offsets = physical(exact_pos)
-    return PagePlan(c, chunk_ids, page_valid.to(dev), exact_blocks, exact_offsets, exact_valid.to(dev))
+    bound = settings.stats == "pages_bound"
+    return PagePlan(c, bound, chunk_ids, page_valid.to(dev), exact_blocks, exact_offsets, exact_valid.to(dev))
 
 
-def pages_bulk_lse(
-    layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: PagePlan, bound: bool
-) -> Tensor:
+def pages_bulk_lse(layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: PagePlan) -> Tensor:
     """[B, Hq] estimated log-sum-exp of the scores over each row's bulk (-inf without bulk), from
     the layer's page summaries `stats` (`page_summaries.PageSummaries.layer`)."""
     q = _grouped(batch.query, stats.shape[2]) * batch.scale  # [B, Hkv, G, D]
     ids = plan.chunk_ids
-    if bound:
+    if plan.bound:
         low, high = stats[MIN][ids].amin(2), stats[MAX][ids].amax(2)  # [B, J, Hkv, D]
         logits = _dot(q.clamp(min=0), high) + _dot(q.clamp(max=0), low)
     else:

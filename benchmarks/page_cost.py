@@ -39,15 +39,13 @@ def measure(context: int, batch: int, page_chunk: int, repeats: int) -> dict:
     case = make_case([context] * batch, num_kv_heads=3, group=3, block_size=128, dtype=torch.float32)
     settings = QadaSettings(stats="pages", page_chunk=page_chunk)
     stats = page_summaries(case, page_chunk).layer(0, CPU_VEC, case.key_cache)
-    plan = plan_pages(
-        case.block_table, case.seq_lens, *settings.window, page_chunk, block_size=128, store_chunk=page_chunk
-    )
+    plan = plan_pages(case.block_table, case.seq_lens, settings, block_size=128, store_chunk=page_chunk)
     n_bulk = context - settings.t_sink - settings.t_local
     pages, partial = int(plan.page_valid[0].sum()), int(plan.exact_valid[0].sum())
     head_bytes = 64 * 4  # one vector of one KV head
     decision_bytes = (2 * pages + partial) * head_bytes  # mean + var per page, keys of partial pages
     bulk_bytes = 2 * n_bulk * head_bytes  # K + V
-    estimate_s = best_of(lambda: pages_bulk_lse(CPU_VEC, case.batch(), stats, plan, bound=False), repeats)
+    estimate_s = best_of(lambda: pages_bulk_lse(CPU_VEC, case.batch(), stats, plan), repeats)
     full = case.batch()._replace(seq_lens=case.seq_lens.int())
     full_s = best_of(lambda: stock_decode(full), repeats)
     return {

@@ -13,6 +13,7 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from ..context import StepContext
 from ..moments import MomentStore
+from ..page_summaries import PageSummaries
 from ..settings import ActivePolicy, QadaSettings
 
 
@@ -82,4 +83,5 @@ def step_context(
     """The context the worker sets for a step of `spec` under `settings`."""
     if isinstance(settings, dict):
         settings = QadaSettings(**settings)
-    return StepContext(ActivePolicy.load(settings), moments or MomentStore(), stand_in_runner(spec))
+    policy, pages = ActivePolicy.load(settings), PageSummaries(settings.page_chunk)
+    return StepContext(policy, moments or MomentStore(), stand_in_runner(spec), pages)

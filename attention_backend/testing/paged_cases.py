@@ -237,16 +237,10 @@ def policy_inputs(case: PagedCase, settings) -> PolicyInputs:
     if settings.needs_pages:
         store = page_summaries(case, settings.page_chunk)
         plan = plan_pages(
-            case.block_table,
-            case.seq_lens,
-            *settings.window,
-            settings.page_chunk,
-            block_size=case.block_size,
-            store_chunk=store.chunk,
+            case.block_table, case.seq_lens, settings, block_size=case.block_size, store_chunk=store.chunk
         )
         stats = store.layer(0, case.layout, case.key_cache)
-        bound = settings.stats == "pages_bound"
-        return PolicyInputs(bulk_lse=pages_bulk_lse(case.layout, case.batch(), stats, plan, bound))
+        return PolicyInputs(bulk_lse=pages_bulk_lse(case.layout, case.batch(), stats, plan))
     if settings.needs_calib:
         mu = torch.randn(case.num_kv_heads, head_dim, generator=gen)
         a = torch.randn(case.num_kv_heads, head_dim, head_dim, generator=gen)

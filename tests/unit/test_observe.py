@@ -8,6 +8,7 @@ from attention_backend.context import LayerDecisions, StepContext
 from attention_backend.counters import DecisionCounters
 from attention_backend.kv_layout import CPU_VEC, TRITON_NHD
 from attention_backend.moments import MomentStore
+from attention_backend.page_summaries import PageSummaries
 from attention_backend.policy import group_rule
 from attention_backend.reference import Observation, exact_lse
 from attention_backend.request_log import RequestLog
@@ -44,7 +45,8 @@ def test_counters_report_agreement_with_the_oracle():
     policy = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
     oracle = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
     top1 = torch.arange(12).view(2, 6)
-    ctx = StepContext(ActivePolicy.load(QadaSettings(t_sink=16, t_local=128)), MomentStore(), runner=None)
+    active = ActivePolicy.load(QadaSettings(t_sink=16, t_local=128))
+    ctx = StepContext(active, MomentStore(), runner=None, pages=PageSummaries(32))
     for layer in range(2):
         ctx.decisions.append(
             LayerDecisions(

@@ -121,11 +121,9 @@ def naive_pages_lse(case, b: int, settings: QadaSettings, bound: bool = False) -
 def estimate(case, settings: QadaSettings, store_chunk: int):
     store = page_summaries(case, store_chunk)
     plan = plan_pages(
-        case.block_table, case.seq_lens, *settings.window, settings.page_chunk,
-        block_size=case.block_size, store_chunk=store_chunk,
-    )  # fmt: skip
-    stats = store.layer(0, case.layout, case.key_cache)
-    return pages_bulk_lse(case.layout, case.batch(), stats, plan, settings.stats == "pages_bound")
+        case.block_table, case.seq_lens, settings, block_size=case.block_size, store_chunk=store_chunk
+    )
+    return pages_bulk_lse(case.layout, case.batch(), store.layer(0, case.layout, case.key_cache), plan)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
