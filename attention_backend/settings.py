@@ -9,20 +9,21 @@ comparing policy names elsewhere.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import Tensor
 
 from .policy import PolicyInputs, random_long_mask
+from .policy_files import ModelShape, calib_tensors, static_heads_mask
 
 POLICIES = ("oracle", "qada", "static", "full", "local", "random")
 STATS_SOURCES = ("pages", "pages_bound", "prompt", "calib", "local")
 GROUP_RULES = ("any", "mean")
+MAX_TOKENS = 2**24  # a bound on token counts before the model's own (`ModelShape.check`)
 
 
 class QadaSettings(BaseModel):
@@ -39,8 +40,10 @@ class QadaSettings(BaseModel):
         lt=1,
         description="threshold on the bulk's share of softmax mass (measured: docs/results.md)",
     )
-    t_sink: int = Field(16, ge=0, description="sink tokens (the first positions) every head reads")
-    t_local: int = Field(128, ge=1, description="recent tokens every head reads")
+    t_sink: int = Field(
+        16, ge=0, le=MAX_TOKENS, description="sink tokens (the first positions) every head reads"
+    )
+    t_local: int = Field(128, ge=1, le=MAX_TOKENS, description="recent tokens every head reads")
     stats: Literal[STATS_SOURCES] = Field(  # type: ignore[valid-type]
         "pages",
         description="qada's key statistics: pages (per-page key mean and variance), pages_bound "
@@ -49,6 +52,7 @@ class QadaSettings(BaseModel):
     page_chunk: int = Field(
         32,
         ge=1,
+        le=MAX_TOKENS,
         description="tokens per page summary (divides the KV block size). The launch value is what "
         "is stored; a change later may only coarsen it (a multiple of the launch value)",
     )
@@ -58,15 +62,22 @@ class QadaSettings(BaseModel):
         "its heads' bulk shares average above tau",
     )
     random_fraction: float = Field(0.5, ge=0, le=1, description="long share of heads for random")
-    seed: int = Field(0, description="seed of the random policy's draws")
+    seed: int = Field(0, ge=0, lt=2**63, description="seed of the random policy's draws")
     min_bulk: int = Field(
         0,
         ge=0,
+        le=2**40,
         description="a decode step whose bulks add up to fewer tokens reads everything instead of "
         "deciding (deciding costs more than such a read on CPU)",
     )
-    static_heads: str | None = Field(None, description="JSON file of long heads, for static")
-    calib: str | None = Field(None, description="key statistics file (safetensors), for calib")
+    static_heads: str | list[tuple[int, int]] | None = Field(
+        None,
+        description="for static: the long heads, as [[layer, head], ...] or the name of a JSON file in "
+        "attention.files_dir",
+    )
+    calib: str | None = Field(
+        None, description="for calib: the name of a key statistics file (safetensors) in attention.files_dir"
+    )
     observe: bool = Field(
         False,
         description="evaluation only: also compute the oracle's decisions and top-1 positions "
@@ -75,6 +86,7 @@ class QadaSettings(BaseModel):
     decode_tail: int = Field(
         0,
         ge=0,
+        le=MAX_TOKENS,
         description="evaluation only: also run the last N prompt tokens through the decode path "
         "(prefill stays exact before them)",
     )
@@ -144,9 +156,21 @@ class QadaSettings(BaseModel):
         return self.needs_head_mask or self.needs_generator
 
 
+def describe(exc: ValidationError) -> str:
+    """One line naming each offending key, e.g. `engine.max_model_len: Input should be > 0`."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+    )
+
+
 def settings_from_vllm_config(additional_config: dict | None) -> QadaSettings:
     """The launch settings, from vLLM's `--additional-config '{"qada": {...}}'`."""
     return QadaSettings.model_validate((additional_config or {}).get("qada") or {})
+
+
+def files_dir_from_vllm_config(additional_config: dict | None) -> str | None:
+    """The server's files directory (`attention.files_dir`), passed beside the settings."""
+    return (additional_config or {}).get("qada_files_dir")
 
 
 @dataclass(frozen=True)
@@ -159,17 +183,17 @@ class ActivePolicy:
     generator: torch.Generator | None = None
 
     @classmethod
-    def load(cls, settings: QadaSettings, device: torch.device | str = "cpu") -> ActivePolicy:
-        """Read the files the settings name (onto the worker's `device`, once)."""
-        if settings.needs_head_mask and settings.static_heads is None:
-            raise ValueError("policy 'static' needs static_heads: a JSON file of long heads")
-        if settings.needs_calib and settings.calib is None:
-            raise ValueError("stats 'calib' needs calib: a safetensors file with mu and sigma")
+    def load(
+        cls, settings: QadaSettings, shape: ModelShape, files: dict, device: torch.device | str = "cpu"
+    ) -> ActivePolicy:
+        """Check `settings` against the model and build them with the contents of their files
+        (`policy_files.read_policy_files`), onto the worker's `device`, once; raises PolicyError."""
+        shape.check(settings)
         static_heads = calib = generator = None
         if settings.needs_head_mask:
-            static_heads = _load_static_heads(settings.static_heads).to(device)
+            static_heads = static_heads_mask(files.get("static_heads"), shape).to(device)
         if settings.needs_calib:
-            calib = tuple(t.to(device) for t in _load_calib(settings.calib))
+            calib = tuple(t.to(device) for t in calib_tensors(files.get("calib") or b"", shape))
         if settings.needs_generator:  # drawn on the host: the same draws on every platform
             generator = torch.Generator().manual_seed(settings.seed)
         return cls(settings, static_heads, calib, generator)
@@ -186,21 +210,3 @@ class ActivePolicy:
             mask = random_long_mask(self.settings.random_fraction, batch, num_heads, self.generator)
             return PolicyInputs(long_mask=mask.to(device, non_blocking=True))
         return PolicyInputs()
-
-
-def _load_static_heads(path: str) -> Tensor:
-    """JSON {"num_layers": L, "num_heads": H, "long_heads": [[layer, head], ...]} -> bool [L, H]."""
-    with open(path) as f:
-        spec = json.load(f)
-    mask = torch.zeros(spec["num_layers"], spec["num_heads"], dtype=torch.bool)
-    for layer, head in spec["long_heads"]:
-        mask[layer, head] = True
-    return mask
-
-
-def _load_calib(path: str) -> tuple[Tensor, Tensor]:
-    """safetensors with mu [L, Hkv, D] and sigma [L, Hkv, D, D]."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(path)
-    return tensors["mu"].float(), tensors["sigma"].float()

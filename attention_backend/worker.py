@@ -12,6 +12,7 @@ read; it counts the step's decisions when the step ends. The server reaches it t
 
 from __future__ import annotations
 
+from pydantic import ValidationError
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from . import metrics
@@ -19,8 +20,15 @@ from .context import StepContext, reset_step_context, set_step_context
 from .counters import DecisionCounters
 from .moments import MomentStore
 from .page_summaries import PageSummaries
+from .policy_files import ModelShape, read_policy_files
 from .request_log import RequestLog
-from .settings import ActivePolicy, QadaSettings, settings_from_vllm_config
+from .settings import (
+    ActivePolicy,
+    QadaSettings,
+    describe,
+    files_dir_from_vllm_config,
+    settings_from_vllm_config,
+)
 
 
 class QadaWorkerMixin:
@@ -35,14 +43,16 @@ class QadaWorkerMixin:
     def init_device(self) -> None:
         super().init_device()
         settings = settings_from_vllm_config(self.vllm_config.additional_config)
+        self._qada_shape = ModelShape.from_vllm_config(self.vllm_config)
         self._qada_pages = PageSummaries(settings.page_chunk)
-        self._apply(settings)
+        files_dir = files_dir_from_vllm_config(self.vllm_config.additional_config)
+        self._apply(settings, read_policy_files(settings, files_dir))
 
-    def _apply(self, settings: QadaSettings) -> None:
-        """Load what `settings` need and swap them in whole (between steps: RPCs and steps
-        never run at the same time)."""
-        self._qada_pages.check(settings.page_chunk, self.vllm_config.cache_config.block_size)
-        policy = ActivePolicy.load(settings, self.device)
+    def _apply(self, settings: QadaSettings, files: dict) -> None:
+        """Build `settings` with their files' contents and swap them in whole (between steps:
+        RPCs and steps never run at the same time); raises PolicyError and then changes nothing."""
+        self._qada_pages.check(settings.page_chunk, self._qada_shape.block_size)
+        policy = ActivePolicy.load(settings, self._qada_shape, files, self.device)
         metrics.policy_changed(self._qada_policy and self._qada_policy.settings, settings)
         self._qada_policy = policy
 
@@ -60,10 +70,17 @@ class QadaWorkerMixin:
                 self._qada_counters.add(step)
                 self._qada_requests.add(step)
 
-    def qada_configure(self, settings: dict) -> dict:
-        """Replace the policy in force (validated, files loaded) from the next step on; raises
-        ValueError on bad settings and then changes nothing."""
-        self._apply(QadaSettings.model_validate(settings))
+    def qada_configure(self, settings: dict, files: dict) -> dict:
+        """Replace the policy in force from the next step on, with the contents of its files as
+        the API server read them (`read_policy_files`: the worker opens no client path). A bad
+        policy changes nothing and comes back as {"error": message}, not as an exception (which
+        the engine would log with its traceback)."""
+        try:
+            self._apply(QadaSettings.model_validate(settings), files)
+        except ValidationError as exc:
+            return {"error": describe(exc)}
+        except ValueError as exc:  # PolicyError, or a page size the summaries cannot give
+            return {"error": str(exc)}
         return self.qada_settings()
 
     def qada_settings(self) -> dict:

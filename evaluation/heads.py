@@ -62,10 +62,11 @@ def retrieval_score(
     return score
 
 
-def static_head_files(profile: dict, fractions: list[float], out_dir: Path) -> dict[str, dict[float, str]]:
-    """For each ranking (oracle share, retrieval score) and local share f of query heads, a static
-    head file keeping the top (1 - f) of heads long."""
-    files: dict[str, dict[float, str]] = {}
+def static_head_files(profile: dict, fractions: list[float], out_dir: Path) -> dict[str, dict[float, list]]:
+    """For each ranking (oracle share, retrieval score) and local share f of query heads, the
+    static heads keeping the top (1 - f) of heads long: [[layer, head], ...] as the policy takes
+    them inline, also written to a file in `out_dir` for the record."""
+    files: dict[str, dict[float, list]] = {}
     for ranking, key in (("oracle", "oracle_long_share"), ("retrieval", "retrieval_score")):
         scores = torch.tensor(profile[key])
         layers, heads = scores.shape
@@ -73,16 +74,8 @@ def static_head_files(profile: dict, fractions: list[float], out_dir: Path) -> d
         files[ranking] = {}
         for fraction in fractions:
             keep = round((1 - fraction) * layers * heads)
-            path = out_dir / f"static-{ranking}-{fraction:g}.json"
-            path.write_text(
-                json.dumps(
-                    {
-                        "num_layers": layers,
-                        "num_heads": heads,
-                        "ranking": key,
-                        "long_heads": [divmod(i, heads) for i in order[:keep]],
-                    }
-                )
-            )
-            files[ranking][fraction] = str(path.resolve())
+            long_heads = [list(divmod(i, heads)) for i in order[:keep]]
+            spec = {"num_layers": layers, "num_heads": heads, "ranking": key, "long_heads": long_heads}
+            (out_dir / f"static-{ranking}-{fraction:g}.json").write_text(json.dumps(spec))
+            files[ranking][fraction] = long_heads
     return files

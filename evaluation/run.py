@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from .client import ServerClient
+from .client import EvalError, ServerClient
 from .heads import profile_heads, static_head_files
 from .key_stats import key_statistics
 from .summary import summarize
@@ -42,6 +42,7 @@ def run(
     cache_dir: Path | None = None,
     api_key: str | None = None,
     stock_url: str | None = None,
+    files_dir: Path | None = None,
     quick: bool = False,
     protocols=("prompt", "decode"),
     overrides: dict | None = None,
@@ -67,15 +68,17 @@ def run(
         )[: plan["calib_probes"]]
         profile = profile_heads(client, calib_probes, tau=0.8, log=log)
         (out / "head_profile.json").write_text(json.dumps(profile))
-        static_files = static_head_files(profile, plan["fractions"], out)
-        calib = None
-        if "qada-calib" in plan["families"]:
+        static_heads = static_head_files(profile, plan["fractions"], out)
+        calib_file = None
+        if "qada-calib" in plan["families"]:  # the server reads it from its files directory
+            if files_dir is None:
+                raise EvalError("qada-calib needs files_dir (--files-dir): the server's attention.files_dir")
             calib_ids = tokenizer.encode(haystack[-40_000:], add_special_tokens=False)[:2048]
-            calib = key_statistics(Path(model_dir), calib_ids, t_sink=16, out=out / "calib.safetensors")
+            calib_file = "qada-eval-calib.safetensors"
+            key_statistics(Path(model_dir), calib_ids, t_sink=16, out=Path(files_dir) / calib_file)
 
         probes = make_probes(tokenizer, haystack, plan["tasks"], plan["contexts"], plan["depths"])
-        calib_file = str(calib.resolve()) if calib else None
-        grid = settings_grid(plan["taus"], plan["fractions"], static_files, calib_file, plan["families"])
+        grid = settings_grid(plan["taus"], plan["fractions"], static_heads, calib_file, plan["families"])
         results = out / "results.jsonl"
         results.unlink(missing_ok=True)
         log(f"{len(probes)} probes x {len(grid)} settings x {len(protocols)} protocols")

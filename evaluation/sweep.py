@@ -48,12 +48,12 @@ DEFAULT_FAMILIES = ("oracle", "qada-pages32", "qada-prompt", "qada-local", "qada
 def settings_grid(
     taus: list[float],
     fractions: list[float],
-    static_files: dict[str, dict[float, str]],
+    static_heads: dict[str, dict[float, list]],
     calib_file: str | None,
     families: tuple[str, ...] | list[str] = DEFAULT_FAMILIES,
 ) -> list[Setting]:
     """full and local ends; each tau family at each tau; static (each ranking) and random at each
-    local share of query heads. qada-calib needs `calib_file`."""
+    local share of query heads. qada-calib needs `calib_file` (a name in the server's files_dir)."""
     unknown = set(families) - TAU_FAMILIES.keys() - set(MASK_FAMILIES)
     if unknown:
         raise ValueError(f"unknown families {sorted(unknown)}; known: {[*TAU_FAMILIES, *MASK_FAMILIES]}")
@@ -66,9 +66,9 @@ def settings_grid(
             policy = {**policy, "tau": tau, **({"calib": calib_file} if family == "qada-calib" else {})}
             grid.append(Setting(family, tau, policy, observe=policy["policy"] == "qada"))
     for fraction in fractions:
-        for ranking, files in static_files.items():
+        for ranking, heads in static_heads.items():
             if f"static-{ranking}" in families:
-                policy = {"policy": "static", "static_heads": files[fraction]}
+                policy = {"policy": "static", "static_heads": heads[fraction]}
                 grid.append(Setting(f"static-{ranking}", fraction, policy))
         if "random" in families:
             grid.append(Setting("random", fraction, {"policy": "random", "random_fraction": 1 - fraction}))

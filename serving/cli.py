@@ -77,7 +77,8 @@ def _eval_run(args: argparse.Namespace) -> None:
         "fractions": args.fractions,
         "families": args.families,
     }
-    options = {key: getattr(args, key) for key in ("cache_dir", "api_key", "stock_url", "quick", "protocols")}
+    keys = ("cache_dir", "api_key", "stock_url", "files_dir", "quick", "protocols")
+    options = {key: getattr(args, key) for key in keys}
     command = "qada " + " ".join(sys.argv[1:])
     summary = run(args.url, Path(args.out), model_dir, overrides=overrides, command=command, **options)
     print(f"{args.out}: {summary['probes']} probes in {summary['wall_s']} s")
@@ -181,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev_run.add_argument("--model-dir", help="the model directory, instead of --model")
     ev_run.add_argument("--out", required=True, help="output directory")
+    ev_run.add_argument(
+        "--files-dir",
+        type=Path,
+        help="the server's attention.files_dir (qada-calib writes its statistics there)",
+    )
     ev_run.add_argument("--quick", action="store_true", help="a smoke-test subset (CI)")
     ev_run.add_argument("--protocols", nargs="+", default=["prompt", "decode"], choices=["prompt", "decode"])
     ev_run.add_argument("--tasks", nargs="+")

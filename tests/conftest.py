@@ -22,8 +22,8 @@ def model_path() -> Path:
     return prepare_model()  # instant when `make test` prepared it already
 
 
-def _running(config: str, log_dir: Path):
-    srv = Server(["--config", str(REPO / "configs" / config)], log_dir / "server.log")
+def _running(config: str, log_dir: Path, *args: str):
+    srv = Server(["--config", str(REPO / "configs" / config), *args], log_dir / "server.log")
     try:
         srv.wait_ready()
         yield srv
@@ -38,9 +38,16 @@ def server(model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def qada_server(model_path, tmp_path_factory):
+def qada_files_dir(tmp_path_factory) -> Path:
+    """The QAdA server's `attention.files_dir`: the one place its policies read files from."""
+    return tmp_path_factory.mktemp("qada_files")
+
+
+@pytest.fixture(scope="session")
+def qada_server(model_path, tmp_path_factory, qada_files_dir):
     """QAdA-attention server (its policy is switched per test through PUT /v1/qada/policy)."""
-    yield from _running("smollm2-cpu-qada.yaml", tmp_path_factory.mktemp("qada_server"))
+    files = f"attention.files_dir={qada_files_dir}"
+    yield from _running("smollm2-cpu-qada.yaml", tmp_path_factory.mktemp("qada_server"), "--set", files)
 
 
 def openai_client(server: Server):

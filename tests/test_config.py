@@ -60,13 +60,19 @@ def test_missing_config_file(tmp_path):
 def test_vllm_command_and_environment(tmp_path):
     cfg = load_config(CONFIGS / "smollm2-cpu-qada.yaml", {"api_key": "k", "port": 1234})
     cmd = vllm_command(cfg, tmp_path)
-    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert cmd[1:3] == ["-m", "serving.api_server"]  # vLLM's entry point with our uvicorn limits
     assert cmd[cmd.index("--model") + 1] == str(tmp_path)
-    assert cmd[cmd.index("--port") + 1] == "1234" and cmd[cmd.index("--api-key") + 1] == "k"
+    assert cmd[cmd.index("--port") + 1] == "1234"
+    assert "k" not in cmd and "--api-key" not in cmd  # keys travel in the environment
     assert "--enforce-eager" in cmd
-    qada = json.loads(cmd[cmd.index("--additional-config") + 1])["qada"]
-    assert qada["policy"] == "qada" and qada["t_local"] == 128
+    extra = json.loads(cmd[cmd.index("--additional-config") + 1])
+    assert extra["qada"]["policy"] == "qada" and extra["qada"]["t_local"] == 128
+    assert extra["qada_files_dir"] == str(CONFIGS.resolve())  # default: the config's directory
     env = vllm_environment(cfg, base={})
+    assert env["QADA_API_KEY"] == "k" and "QADA_ADMIN_API_KEY" not in env
+    assert env["QADA_ALLOW_POLICY_CHANGES"] == "0"
+    assert env["VLLM_MAX_N_SEQUENCES"] == "8" and env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "5"
+    assert cmd[cmd.index("--h11-max-incomplete-event-size") + 1] == "65536"
     assert env["VLLM_PLUGINS"] == "qada,qada_endpoints" and env["QADA_ENABLE"] == "1"
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # the worker reads the V1 runner's batch
     assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
@@ -117,3 +123,34 @@ def test_attention_settings_are_one_model_for_file_flags_and_worker():
         vllm_command(cfg, Path("/m"))[vllm_command(cfg, Path("/m")).index("--additional-config") + 1]
     )
     assert QadaSettings.model_validate(qada["qada"]) == cfg.attention.settings()  # what the worker validates
+
+
+def test_kv_cache_space_is_whole_gib_and_fits_one_sequence(tmp_path, capsys):
+    from serving.config import ConfigError
+    from serving.launcher import check_kv_cache
+
+    with pytest.raises(ConfigError, match="kv_cache_space_gib"):  # vLLM parses an int
+        load_config(CONFIGS / "smollm2-cpu-qada.yaml", {"engine.kv_cache_space_gib": 0.25})
+    model = tmp_path / "model"
+    model.mkdir()
+    hf = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+    (model / "config.json").write_text(json.dumps(hf))
+    # fp32 SmolLM2: 2 * 30 * 3 * 64 * 4 = 46080 bytes a token, 8192 tokens = 0.35 GiB
+    cfg = load_config(CONFIGS / "smollm2-cpu-qada.yaml", {"engine.kv_cache_space_gib": 1})
+    check_kv_cache(cfg, model, vllm_environment(cfg, base={}))
+    big = load_config(
+        CONFIGS / "smollm2-cpu-qada.yaml", {"engine.max_model_len": 32768, "engine.kv_cache_space_gib": 1}
+    )
+    with pytest.raises(
+        ConfigError, match="kv_cache_space_gib=1 GiB cannot hold one sequence of max_model_len 32768"
+    ):
+        check_kv_cache(big, model, vllm_environment(big, base={}))
+    # the config's value replaces an inherited variable, and says so
+    env = vllm_environment(cfg, base={"VLLM_CPU_KVCACHE_SPACE": "64"})
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert "replaces VLLM_CPU_KVCACHE_SPACE=64" in capsys.readouterr().err
+    # without one, the variable is what vLLM uses, and it is checked too
+    unset = load_config(CONFIGS / "smollm2-cpu-qada.yaml")
+    unset.engine = unset.engine.model_copy(update={"kv_cache_space_gib": None})
+    with pytest.raises(ConfigError, match="VLLM_CPU_KVCACHE_SPACE must be a whole number"):
+        check_kv_cache(unset, model, vllm_environment(unset, base={"VLLM_CPU_KVCACHE_SPACE": "0.5"}))

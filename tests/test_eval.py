@@ -89,7 +89,7 @@ def test_retrieval_score_counts_copies_from_the_needle(tokenizer, haystack):
     assert scores.sum() == pytest.approx(1.0 + 1 / len(answer))
 
 
-def test_quick_eval_end_to_end(server, qada_server, model_path, tmp_path):
+def test_quick_eval_end_to_end(server, qada_server, qada_files_dir, model_path, tmp_path):
     from evaluation.run import run
 
     before = httpx.get(qada_server.url + "/v1/qada/policy", headers=AUTH).json()
@@ -99,6 +99,7 @@ def test_quick_eval_end_to_end(server, qada_server, model_path, tmp_path):
         model_path,
         api_key=API_KEY,
         stock_url=server.url,
+        files_dir=qada_files_dir,
         quick=True,
         log=lambda line: print(line),
     )

@@ -14,7 +14,13 @@ from vllm.v1.attention.backend import CommonAttentionMetadata
 from ..context import StepContext
 from ..moments import MomentStore
 from ..page_summaries import PageSummaries
+from ..policy_files import ModelShape, read_policy_files
 from ..settings import ActivePolicy, QadaSettings
+
+# SmolLM2-135M's dimensions, with the smallest block size the tests use (pages divide it)
+TEST_SHAPE = ModelShape(
+    num_layers=30, num_heads=9, num_kv_heads=3, head_size=64, max_model_len=8192, block_size=32
+)
 
 
 @dataclass
@@ -83,5 +89,6 @@ def step_context(
     """The context the worker sets for a step of `spec` under `settings`."""
     if isinstance(settings, dict):
         settings = QadaSettings(**settings)
-    policy, pages = ActivePolicy.load(settings), PageSummaries(settings.page_chunk)
+    files = read_policy_files(settings, files_dir=None)  # static heads inline, as the API sends them
+    policy, pages = ActivePolicy.load(settings, TEST_SHAPE, files), PageSummaries(settings.page_chunk)
     return StepContext(policy, moments or MomentStore(), stand_in_runner(spec), pages)

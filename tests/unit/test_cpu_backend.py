@@ -4,7 +4,6 @@ physical blocks: the step as the engine runs it, from `build()` to every layer's
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -128,12 +127,10 @@ def test_policy_local_decodes_sink_and_window_and_keeps_prefill_stock(vllm_confi
     assert not torch.allclose(ours[2], stock[2], atol=1e-3)  # 700 tokens: local really differs
 
 
-def test_mixed_per_group_decisions_match_masked_reference(vllm_config, tmp_path):
-    path = tmp_path / "heads.json"  # in layer LAYER, query head 4 (KV group 1) is long
-    path.write_text(json.dumps({"num_layers": 30, "num_heads": HQ, "long_heads": [[LAYER, 4]]}))
-    batch = make_batch(32, torch.float32, seed=2)
+def test_mixed_per_group_decisions_match_masked_reference(vllm_config):
+    batch = make_batch(32, torch.float32, seed=2)  # in layer LAYER, query head 4 (KV group 1) is long
     _, ours, _, step = run_both(
-        batch, vllm_config, torch.float32, 32, {"policy": "static", "static_heads": str(path)}
+        batch, vllm_config, torch.float32, 32, {"policy": "static", "static_heads": [[LAYER, 4]]}
     )
     for row in range(ND):
         has_bulk = SPEC.seq_lens[row] > T_SINK + T_LOCAL

@@ -13,6 +13,7 @@ from attention_backend.policy import group_rule
 from attention_backend.reference import Observation, exact_lse
 from attention_backend.request_log import RequestLog
 from attention_backend.settings import ActivePolicy, QadaSettings
+from attention_backend.testing.batches import TEST_SHAPE
 from attention_backend.testing.paged_cases import make_case
 
 
@@ -45,7 +46,7 @@ def test_counters_report_agreement_with_the_oracle():
     policy = torch.tensor([[1, 1, 0, 0, 0, 0], [0, 0, 0, 1, 0, 0]], dtype=torch.bool)
     oracle = torch.tensor([[1, 0, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.bool)
     top1 = torch.arange(12).view(2, 6)
-    active = ActivePolicy.load(QadaSettings(t_sink=16, t_local=128))
+    active = ActivePolicy.load(QadaSettings(t_sink=16, t_local=128), TEST_SHAPE, files={})
     ctx = StepContext(active, MomentStore(), runner=None, pages=PageSummaries(32))
     for layer in range(2):
         ctx.decisions.append(

@@ -4,7 +4,6 @@ one that fails), each step's decisions counted once, and finished requests' mome
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -21,8 +20,12 @@ class StandInWorker:
     which here runs one "layer" that records decisions for the batch's rows."""
 
     def __init__(self, additional_config: dict) -> None:
+        text = SimpleNamespace(num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1)
+        model = SimpleNamespace(hf_text_config=text, max_model_len=4096, get_head_size=lambda: 64)
         self.vllm_config = SimpleNamespace(
-            additional_config=additional_config, cache_config=SimpleNamespace(block_size=128)
+            additional_config=additional_config,
+            cache_config=SimpleNamespace(block_size=128),
+            model_config=model,
         )
         self.model_runner = stand_in_runner(BatchSpec(seq_lens=[500, 300], query_lens=[1, 1]))
         self.seen_context = None
@@ -64,24 +67,26 @@ def test_launch_settings_are_applied_at_init_device():
     assert worker.qada_settings()["policy"] == "local" and worker.qada_settings()["t_local"] == 64
 
 
-def test_policy_changes_are_validated_and_swapped_whole(tmp_path):
+def test_policy_changes_are_validated_and_swapped_whole():
     worker = Worker({"qada": {"tau": 0.7}})
     worker.init_device()
     before = worker.qada_settings()
-    for bad in (
-        {"tau": 1.5},
-        {"policy": "static"},
-        {"policy": "static", "static_heads": str(tmp_path / "no.json")},
-        {"surprise": 1},
-        {"page_chunk": 16},  # finer than the launch page size (32): never summarised
-        {"page_chunk": 96},  # does not divide the 128-token block
+    for bad, files, needle in (
+        ({"tau": 1.5}, {}, "tau"),
+        ({"policy": "static"}, {}, "static_heads"),
+        ({"policy": "static"}, {"static_heads": [[2, 0]]}, "2 layers"),  # not a layer of the model
+        ({"policy": "qada", "stats": "calib"}, {"calib": b"junk"}, "safetensors"),
+        ({"surprise": 1}, {}, "surprise"),
+        ({"t_sink": 4000, "t_local": 96}, {}, "max_model_len"),
+        ({"page_chunk": 16}, {}, "page_chunk"),  # finer than the launch page size (32): never summarised
+        ({"page_chunk": 96}, {}, "page_chunk"),  # does not divide the 128-token block
     ):
-        with pytest.raises((ValueError, OSError)):
-            worker.qada_configure(bad)
+        reply = worker.qada_configure(bad, files)
+        assert needle in reply["error"] and "\n" not in reply["error"]
         assert worker.qada_settings() == before  # a rejected change changes nothing
-    path = tmp_path / "heads.json"
-    path.write_text(json.dumps({"num_layers": 2, "num_heads": 3, "long_heads": [[1, 2]]}))
-    applied = worker.qada_configure({"policy": "static", "static_heads": str(path)})
+    applied = worker.qada_configure(
+        {"policy": "static", "static_heads": "heads.json"}, {"static_heads": [[1, 2]]}
+    )
     assert applied["policy"] == "static" and applied["tau"] == QadaSettings().tau  # the rest: defaults (PUT)
     worker.execute_model(scheduled())
     policy = worker.seen_context.policy

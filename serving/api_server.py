@@ -1,0 +1,77 @@
+"""vLLM's OpenAI server entry point (`vllm.entrypoints.launchers.api_server.entry.main`, same
+arguments), run with uvicorn's h11 protocol and two limits vLLM has no flag for.
+
+vLLM's own `--h11-max-incomplete-event-size` bounds the request line and headers, but only under
+h11: uvicorn picks httptools when it is installed, which has no bound (30 MB of headers were
+accepted). And uvicorn closes idle keep-alive connections but never one that opens and sends
+nothing, or half a request (200 such connections were held 40 s and more): `HeadTimeoutH11`
+closes a connection whose request line and headers are not complete in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+
+class HeadTimeoutH11(H11Protocol):
+    """h11 with a deadline for each request's line and headers: from when the connection opens,
+    and again from each response's end on a kept-alive connection."""
+
+    head_timeout_s = float(os.environ.get("QADA_REQUEST_HEAD_TIMEOUT_S", "10"))
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self.cycle
+        super().data_received(data)
+        if self.cycle is not waiting and self._head_timer is not None:  # a request's head is in
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def connection_lost(self, exc) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.cycle is None or self.cycle.response_complete:  # no request in progress
+            self.transport.close()
+
+
+def main() -> None:
+    import uvloop
+    from vllm.entrypoints.launchers.api_server import entry
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    # as vLLM's `entry.main`, with our uvicorn settings
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(description="vLLM OpenAI-Compatible RESTful API server."))
+    args = parser.parse_args()
+    configure_logging_from_args(args)
+    validate_parsed_serve_args(args)
+    limit = int(os.environ.get("QADA_MAX_CONNECTIONS", "512"))
+    uvloop.run(entry.run_server(args, http=HeadTimeoutH11, limit_concurrency=limit))
+
+
+if __name__ == "__main__":
+    main()
