@@ -2,8 +2,10 @@
 impl executes it in every layer. `cpu_backend` and `gpu_backend` add only their kernel calls.
 
 Per step, `QadaBuilderMixin.build` (vLLM puts decode rows first: the builder asks it to):
-1. takes the decode rows and, with `decode_tail`, the last prompt tokens of the step's prefill
-   chunks as extra decode rows (prefill computes them exactly first; their decode output wins);
+1. takes the decode rows and, as extra decode rows, the tokens of the step's prefill chunks that
+   were decoded before (the generated tokens a preempted request recomputes when it resumes: so
+   preemption does not change its output) and, with `decode_tail`, the last prompt tokens
+   (prefill computes all of them exactly first; their decode output wins);
 2. decides the step's mode, here and nowhere else (`decides_step`);
 3. plans: stock metadata for what runs on vLLM's kernel; for a decided step, the backend's decode
    plan (`_plan_decode`) and the key-moment update (`MomentStore.plan`).
@@ -136,8 +138,9 @@ class QadaBuilderMixin:
     def _decode_rows(
         self, cm: CommonAttentionMetadata, num_decodes: int, num_prefills: int
     ) -> DecodeRows | None:
-        """The rows for our decode path: the batch's decode rows, then (with `decode_tail`) one
-        row per token of the step's prefill chunks among the last `decode_tail` of its prompt.
+        """The rows for our decode path: the batch's decode rows, then one row per token of the
+        step's prefill chunks past its prompt (a resumed request's generated tokens) or among the
+        last `decode_tail` of its prompt.
         None when there are none, or the layer is not plain causal self-attention."""
         cross = getattr(self, "is_cross_attention", False) or getattr(
             self, "is_encoder_only_attention", False
@@ -148,15 +151,18 @@ class QadaBuilderMixin:
                 raise RuntimeError(NO_WORKER)
             return None
         settings = ctx.policy.settings
-        tail = settings.decode_tail if num_prefills else 0
         seq_lens = host_seq_lens(cm)
         rows, lengths, tokens = list(range(num_decodes)), seq_lens[:num_decodes].tolist(), []
-        if tail:
+        if num_prefills:
             prompt_lens, starts = ctx.num_prompt_tokens(), cm.query_start_loc_cpu.tolist()
             for r in range(num_decodes, cm.num_reqs):
                 length, prompt = int(seq_lens[r]), int(prompt_lens[r])
                 first = length - (starts[r + 1] - starts[r])  # position of the chunk's first token
-                for pos in range(max(first, prompt - tail), min(length, prompt)):
+                # the prompt's tail, and the generated tokens of a resumed (preempted) request:
+                # those were decoded before, so they are decoded again, not prefilled exactly
+                # (under `full` they are prefilled, as stock vLLM does)
+                end = length if settings.decides else min(length, prompt)
+                for pos in range(max(first, prompt - settings.decode_tail), end):
                     tokens.append(starts[r] + pos - first)
                     rows.append(r)
                     lengths.append(pos + 1)

@@ -106,8 +106,9 @@ def read_policy_files(settings: QadaSettings, files_dir: str | None) -> dict:
         if heads is None:
             raise PolicyError("policy 'static' needs static_heads: [[layer, head], ...] or a JSON file name")
         if isinstance(heads, str):
+            data = read_file(files_dir, heads)
             try:
-                heads = json.loads(read_file(files_dir, heads))["long_heads"]
+                heads = json.loads(data)["long_heads"]
             except (ValueError, KeyError, TypeError):
                 raise PolicyError(
                     f"{settings.static_heads!r} is not a JSON object with long_heads: [[layer, head], ...]"

@@ -1,5 +1,11 @@
 """Per-request decisions: counts for `usage.qada` and per-token traces for the heatmap route,
-kept for the most recent engine requests and looked up by API request id."""
+kept for the most recent requests and looked up by exact key, never by id prefix.
+
+The key of an engine request is the tag the API server put into its sampling parameters
+(`REQUEST_TAG` in `vllm_xargs`, one fresh tag per HTTP request: `serving.request_stats`), so the
+engine requests one API request fans out into (several prompts, `n` > 1) share it, and two API
+requests never do, whatever ids their clients chose. Engine requests without a tag (offline use)
+are keyed by their engine request id."""
 
 from __future__ import annotations
 
@@ -9,6 +15,19 @@ from dataclasses import dataclass, fields
 from torch import Tensor
 
 from .context import StepDecisions
+
+REQUEST_TAG = "qada_tag"
+
+
+def request_keys(runner, req_ids: list[str]) -> list[str]:
+    """Each engine request's key: its tag, from the model runner's request states, else its id."""
+    states = getattr(runner, "requests", None) or {}
+    keys = []
+    for req_id in req_ids:
+        params = getattr(states.get(req_id), "sampling_params", None)
+        tag = (getattr(params, "extra_args", None) or {}).get(REQUEST_TAG)
+        keys.append(tag if isinstance(tag, str) else req_id)
+    return keys
 
 
 @dataclass
@@ -73,25 +92,27 @@ class RequestDecisions:
 
 
 class RequestLog:
-    """Decision counts of the most recent `max_requests` engine requests, and per-token traces
-    of the most recent `max_traces` (each at most `max_trace_steps` long)."""
+    """Decision counts of the most recent `max_requests` keys (all their engine requests
+    together), and per-token traces of the most recent `max_traces` engine requests (each at
+    most `max_trace_steps` long)."""
 
     def __init__(self, max_requests: int = 4096, max_traces: int = 16, max_trace_steps: int = 2048) -> None:
         self.max_requests, self.max_traces, self.max_trace_steps = max_requests, max_traces, max_trace_steps
-        self.decisions: OrderedDict[str, RequestDecisions] = OrderedDict()
-        self.traces: OrderedDict[str, list[dict]] = OrderedDict()
+        self.decisions: OrderedDict[str, RequestDecisions] = OrderedDict()  # by key
+        self.traces: OrderedDict[str, list[dict]] = OrderedDict()  # by engine request id
+        self.trace_keys: dict[str, str] = {}  # engine request id -> key, for the traces kept
         self.num_heads = 0
 
-    def add(self, step: StepDecisions) -> None:
-        """Attribute a step's decisions to its rows' requests (a prompt-tail request may have
-        several rows: each is one decode step of it)."""
+    def add(self, step: StepDecisions, keys: list[str]) -> None:
+        """Attribute a step's decisions to its rows' requests, whose keys are `keys` (a
+        prompt-tail request may have several rows: each is one decode step of it)."""
         self.num_heads = step.num_heads
         observed = step.oracle_heads is not None
-        for row, req_id in enumerate(step.req_ids):
-            entry = self.decisions.pop(req_id, None) or RequestDecisions()
+        for row, (req_id, key) in enumerate(zip(step.req_ids, keys, strict=True)):
+            entry = self.decisions.pop(key, None) or RequestDecisions()
             oracle = (step.oracle_heads[row], step.oracle_groups[row]) if observed else None
             entry.add(step.heads[row], step.groups[row], oracle)
-            self.decisions[req_id] = entry  # most recently used last
+            self.decisions[key] = entry  # most recently used last
             trace = self.traces.pop(req_id, [])
             if len(trace) < self.max_trace_steps:
                 record = {"long": step.heads[row].clone()}
@@ -99,24 +120,21 @@ class RequestLog:
                     record.update(oracle=step.oracle_heads[row].clone(), top1=step.top1[row].clone())
                 trace.append(record)
             self.traces[req_id] = trace
-        for table, limit in ((self.decisions, self.max_requests), (self.traces, self.max_traces)):
-            while len(table) > limit:
-                table.popitem(last=False)
+            self.trace_keys[req_id] = key
+        while len(self.decisions) > self.max_requests:
+            self.decisions.popitem(last=False)
+        while len(self.traces) > self.max_traces:
+            del self.trace_keys[self.traces.popitem(last=False)[0]]
 
-    def request(self, prefix: str) -> dict:
-        """Decisions of the engine requests whose id starts with `prefix` + "-" (one API request
-        may fan out into several, e.g. completions with several prompts)."""
-        total = RequestDecisions()
-        for req_id, entry in self.decisions.items():
-            if req_id.startswith(prefix + "-"):
-                total.merge(entry)
-        return total.as_dict()
+    def request(self, key: str) -> dict:
+        """Decisions of the engine requests of `key` (zero counts when none)."""
+        return (self.decisions.get(key) or RequestDecisions()).as_dict()
 
-    def trace(self, prefix: str) -> dict | None:
+    def trace(self, key: str) -> dict | None:
         """Per decode step, which (layer, query head) went long, for the first engine request of
-        the API request `prefix`; None if it is not among the most recent ones. Observed steps
-        also give the oracle's decisions and each head's top-1 attended position."""
-        req_id = next((r for r in self.traces if r.startswith(prefix + "-")), None)
+        `key`; None if it is not among the most recent ones. Observed steps also give the
+        oracle's decisions and each head's top-1 attended position."""
+        req_id = next((r for r in self.traces if self.trace_keys[r] == key), None)
         if req_id is None:
             return None
         steps = self.traces[req_id]

@@ -21,7 +21,7 @@ from .counters import DecisionCounters
 from .moments import MomentStore
 from .page_summaries import PageSummaries
 from .policy_files import ModelShape, read_policy_files
-from .request_log import RequestLog
+from .request_log import RequestLog, request_keys
 from .settings import (
     ActivePolicy,
     QadaSettings,
@@ -68,7 +68,7 @@ class QadaWorkerMixin:
             step = context.step_decisions()
             if step is not None:
                 self._qada_counters.add(step)
-                self._qada_requests.add(step)
+                self._qada_requests.add(step, request_keys(self.model_runner, step.req_ids))
 
     def qada_configure(self, settings: dict, files: dict) -> dict:
         """Replace the policy in force from the next step on, with the contents of its files as
@@ -90,13 +90,13 @@ class QadaWorkerMixin:
         """Decision counts so far."""
         return self._qada_counters.snapshot()
 
-    def qada_request_stats(self, request_id: str) -> dict:
-        """Decisions of one API request (its response id)."""
-        return self._qada_requests.request(request_id)
+    def qada_request_stats(self, key: str) -> dict:
+        """Decisions of one API request (its tag: `request_log.REQUEST_TAG`)."""
+        return self._qada_requests.request(key)
 
-    def qada_request_trace(self, request_id: str) -> dict | None:
-        """Per-token (layer, head) decisions of one recent API request."""
-        return self._qada_requests.trace(request_id)
+    def qada_request_trace(self, key: str) -> dict | None:
+        """Per-token (layer, head) decisions of one recent API request (its tag)."""
+        return self._qada_requests.trace(key)
 
 
 class QadaCPUWorker(QadaWorkerMixin, CPUWorker):

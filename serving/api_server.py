@@ -18,7 +18,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 class HeadTimeoutH11(H11Protocol):
     """h11 with a deadline for each request's line and headers: from when the connection opens,
-    and again from each response's end on a kept-alive connection."""
+    and on a kept-alive connection from each response's end plus the keep-alive timeout."""
 
     head_timeout_s = float(os.environ.get("QADA_REQUEST_HEAD_TIMEOUT_S", "10"))
     _head_timer: asyncio.TimerHandle | None = None
@@ -36,18 +36,18 @@ class HeadTimeoutH11(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm_head_timer()
+        if not self.transport.is_closing():  # idle, uvicorn closes it at keep-alive; a head begun
+            self._arm_head_timer(self.timeout_keep_alive)  # then gets the head timeout on top
 
     def connection_lost(self, exc) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
         super().connection_lost(exc)
 
-    def _arm_head_timer(self) -> None:
+    def _arm_head_timer(self, after_s: float = 0) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        self._head_timer = self.loop.call_later(after_s + self.head_timeout_s, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

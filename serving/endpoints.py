@@ -20,9 +20,10 @@ from attention_backend.policy_files import ModelShape, PolicyError, read_policy_
 from attention_backend.settings import ActivePolicy, QadaSettings, describe
 from serving.config import SERVER_KEYS
 from serving.middleware import openai_error
+from serving.request_stats import RequestTags
 
 router = APIRouter()
-logger = logging.getLogger("qada.policy")
+logger = logging.getLogger("vllm.qada")  # under vLLM's logger: its handler and format
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -120,7 +121,8 @@ async def get_request_decisions(request_id: str, request: Request):
     heads went long (1) or stayed local (0). The worker keeps the most recent requests only."""
     if not request.app.state.qada_enabled:
         return _error(409, "QAdA attention is not enabled on this server")
-    trace = await _rpc(request, "qada_request_trace", request_id)
+    tag = request.app.state.qada_request_tags.get(request_id)
+    trace = None if tag is None else await _rpc(request, "qada_request_trace", tag)
     if trace is None:
         return _error(
             404, f"no decisions recorded for request {request_id!r} (only recent requests are kept)"
@@ -147,6 +149,7 @@ class QadaEndpoints:
             state.qada_pages = PageSummaries(launch.page_chunk)  # only its page-size check is used
             state.qada_files_dir = extra.get("qada_files_dir")
             state.qada_policy_lock = asyncio.Lock()
+            state.qada_request_tags = RequestTags()  # response id -> tag (serving.request_stats)
 
 
 def make_plugin() -> QadaEndpoints:

@@ -36,11 +36,11 @@ class Server:
             "-m",
             "serving.cli",
             "serve",
-            *args,
             "--port",
             str(self.port),
             "--api-key",
             API_KEY,
+            *args,  # last: they may end with `-- VLLM_ARGS`
         ]
         self.proc = subprocess.Popen(
             cmd,

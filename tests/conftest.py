@@ -46,8 +46,10 @@ def qada_files_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def qada_server(model_path, tmp_path_factory, qada_files_dir):
     """QAdA-attention server (its policy is switched per test through PUT /v1/qada/policy)."""
-    files = f"attention.files_dir={qada_files_dir}"
-    yield from _running("smollm2-cpu-qada.yaml", tmp_path_factory.mktemp("qada_server"), "--set", files)
+    files, head = f"attention.files_dir={qada_files_dir}", "limits.request_head_timeout_s=3"
+    yield from _running(
+        "smollm2-cpu-qada.yaml", tmp_path_factory.mktemp("qada_server"), "--set", files, "--set", head
+    )
 
 
 def openai_client(server: Server):

@@ -19,7 +19,7 @@ from serving.config import load_config
 from serving.testing import API_KEY, REPO, SERVED_NAME
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-DEFAULTS = load_config(REPO / "configs" / "smollm2-cpu-qada.yaml").attention.model_dump()
+DEFAULTS = load_config(REPO / "configs" / "smollm2-cpu-qada.yaml").attention.settings().model_dump()
 
 
 def set_policy(server, **settings) -> dict:
@@ -143,12 +143,13 @@ def test_counters_are_exact(qada_server, qada_client):
         ("qada", {"min_bulk": 10_000}, 1.0),  # less bulk than that in the step: read in full
     ],
 )
-def test_every_policy_serves(qada_server, qada_client, haystack, tmp_path, policy, settings, expect_long):
+def test_every_policy_serves(
+    qada_server, qada_client, qada_files_dir, haystack, policy, settings, expect_long
+):
     if policy == "static":  # layer 1 (all heads) and head 0 of every layer are long
         heads = [[1, h] for h in range(9)] + [[layer, 0] for layer in range(30)]
-        path = tmp_path / "heads.json"
-        path.write_text(json.dumps({"num_layers": 30, "num_heads": 9, "long_heads": heads}))
-        settings = {"static_heads": str(path)}
+        (qada_files_dir / "heads.json").write_text(json.dumps({"long_heads": heads}))
+        settings = {"static_heads": "heads.json"}  # by name, in the server's files_dir
     set_policy(qada_server, policy=policy, **{"min_bulk": 0, **settings})  # decide on this short prompt
     before = stats(qada_server)
     _, text = haystack

@@ -170,3 +170,19 @@ def test_a_runner_without_a_persistent_batch_fails_clearly(builder):
     ctx.runner = object()  # vLLM's V2 model runner keeps no persistent batch
     with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
         build(builder, spec, {}, ctx=ctx)
+
+
+def test_a_resumed_request_decodes_its_generated_tokens_again(builder):
+    # decodes at 40, 300, 700; a fresh prompt of 20; a preempted request of a 480-token prompt and
+    # 20 generated tokens recomputing its last 37 (vLLM resumes it as a prefill of all 500)
+    spec = BatchSpec([40, 300, 700, 20, 500], [1, 1, 1, 20, 37], prompt_lens=[39, 299, 699, 20, 480])
+    meta, table, _ = build(builder, spec, {"policy": "qada", "stats": "prompt"})
+    rows, chunk = meta.decode, 3 + 20
+    assert len(rows) == 3 + 20 and rows.decided and meta.prefill is not None
+    assert rows.token_index.tolist() == [0, 1, 2, *range(chunk + 17, chunk + 37)]  # positions 480..499
+    assert rows.seq_lens_cpu.tolist() == [40, 300, 700, *range(481, 501)]
+    assert rows.req_ids == spec.req_ids[:3] + [spec.req_ids[4]] * 20
+    assert torch.equal(rows.block_table[3:], table[[4] * 20])
+    # under `full`, it is prefilled as stock vLLM does
+    meta, _, _ = build(builder, spec, {"policy": "full"})
+    assert len(meta.decode) == 3 and meta.stock is not None

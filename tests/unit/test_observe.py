@@ -63,7 +63,7 @@ def test_counters_report_agreement_with_the_oracle():
     step = ctx.step_decisions()
     counters, log = DecisionCounters(), RequestLog()
     counters.add(step)
-    log.add(step)
+    log.add(step, ["a", "b"])
     a, b = log.request("a")["oracle"], log.request("b")["oracle"]
     # row a: heads long (policy) {0,1}, oracle {0}: 1 extra per layer; groups (3 heads each) agree
     assert a["head_decisions"] == {"long": 2, "missed": 0, "extra": 2}

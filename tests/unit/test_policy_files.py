@@ -104,3 +104,12 @@ def test_bounds_come_from_the_model():
             SHAPE.check(settings)
     with pytest.raises(ValueError):  # absolute bounds: before any model is asked
         QadaSettings(t_sink=10**15)
+
+
+def test_file_errors_are_not_hidden_behind_format_errors(files_dir):
+    settings = QadaSettings(policy="static", static_heads="/etc/passwd")
+    with pytest.raises(PolicyError, match="not a file name"):
+        read_policy_files(settings, str(files_dir))
+    (files_dir / "bad.json").write_text("[1, 2]")
+    with pytest.raises(PolicyError, match="not a JSON object with long_heads"):
+        read_policy_files(settings.replace(static_heads="bad.json"), str(files_dir))
