@@ -92,6 +92,14 @@ def _eval_report(args: argparse.Namespace) -> None:
     )
 
 
+def _bench_serve(args: argparse.Namespace) -> None:
+    from serving.bench import bench_serve
+    from serving.models import prepare_model
+
+    model_dir = Path(args.model_dir) if args.model_dir else prepare_model(args.model, args.cache_dir)
+    bench_serve(args.url, args.api_key, model_dir, args.vllm_args)
+
+
 def _add_attention_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per QAdA setting (`--t-local` sets attention.t_local); `--policy` also enables
     the QAdA backend."""
@@ -170,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     heat.add_argument("--max-tokens", type=int, default=32)
     heat.add_argument("-o", "--output", default="qada-heatmap.png")
     heat.set_defaults(func=_heatmap)
+
+    bench = sub.add_parser("bench", help="vLLM's own benchmarks against a running server")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    bench_srv = bench_sub.add_parser(
+        "serve",
+        help="vLLM's serving benchmark (vllm.benchmarks.serve): TTFT, TPOT, ITL",
+        epilog="Arguments after `--` go to vLLM's benchmark, e.g. -- --dataset-name random "
+        "--random-input-len 4096 --random-output-len 64 --num-prompts 8 --max-concurrency 8",
+    )
+    bench_srv.add_argument("--url", default="http://127.0.0.1:8000", help="a running server")
+    bench_srv.add_argument("--api-key")
+    bench_srv.add_argument("--model", default="smollm2-135m-instruct", help="prepared model (its tokenizer)")
+    bench_srv.add_argument("--model-dir", help="the model directory, instead of --model")
+    bench_srv.add_argument("vllm_args", nargs="*", help=argparse.SUPPRESS)
+    bench_srv.set_defaults(func=_bench_serve)
 
     ev = sub.add_parser("eval", help="accuracy / sparsity evaluation against a running server")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)

@@ -154,3 +154,19 @@ def test_kv_cache_space_is_whole_gib_and_fits_one_sequence(tmp_path, capsys):
     unset.engine = unset.engine.model_copy(update={"kv_cache_space_gib": None})
     with pytest.raises(ConfigError, match="VLLM_CPU_KVCACHE_SPACE must be a whole number"):
         check_kv_cache(unset, model, vllm_environment(unset, base={"VLLM_CPU_KVCACHE_SPACE": "0.5"}))
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("engine.kv_cache_space_gib=0.25", "kv_cache_space_gib"),  # was: vLLM crashed at start
+        ("engine.max_model_len=131072", "cannot hold one sequence of max_model_len 131072"),
+    ],
+)
+def test_serve_refuses_a_kv_cache_vllm_cannot_start_with(model_path, override, needle):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--config", str(CONFIGS / "smollm2-cpu-qada.yaml")]
+    done = subprocess.run([*cmd, "--set", override], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and needle in done.stderr and "Traceback" not in done.stderr

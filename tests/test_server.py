@@ -153,3 +153,13 @@ def test_eight_concurrent_requests_complete(server):
     for reply in replies:
         assert reply.choices[0].finish_reason in ("stop", "length")
         assert reply.choices[0].message.content
+
+
+def test_vllm_serving_benchmark_runs_against_the_server(server, model_path):
+    """`qada bench serve`: vLLM's own benchmark, unchanged, against our server and key."""
+    from serving.bench import bench_serve
+
+    args = ["--dataset-name", "random", "--random-input-len", "32", "--random-output-len", "4"]
+    result = bench_serve(server.url, API_KEY, model_path, [*args, "--num-prompts", "2", "--ignore-eos"])
+    assert result["completed"] == 2 and result["total_output_tokens"] == 8
+    assert result["mean_tpot_ms"] > 0 and result["mean_itl_ms"] > 0

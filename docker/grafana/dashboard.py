@@ -1,16 +1,23 @@
-"""The QAdA Grafana dashboard, as code: `python docker/grafana/dashboard.py` rewrites
-docker/grafana/dashboards/qada.json (a test keeps the two in sync and runs every query against
-a real Prometheus that scraped a real server)."""
+"""The QAdA Grafana dashboard, as code with Grafana's own SDK (`grafana-foundation-sdk`):
+`python docker/grafana/dashboard.py` rewrites docker/grafana/dashboards/qada.json (a test keeps
+the two in sync and runs every query against a real Prometheus that scraped a real server)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from grafana_foundation_sdk.builders import common, prometheus, stat, timeseries
+from grafana_foundation_sdk.builders.dashboard import Dashboard
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, GridPos
+
 OUT = Path(__file__).resolve().parent / "dashboards" / "qada.json"
 RATE = "[$__rate_interval]"
 KV_GROUPS = 'qada_head_decisions_total{level="kv_group"}'
-
+PROMETHEUS = DataSourceRef(type_val="prometheus", uid="prometheus")  # provisioned with this uid
+KINDS = {"timeseries": timeseries.Panel, "stat": stat.Panel}
 # (title, unit, [(legend, PromQL)], panel type)
 PANELS = [
     (
@@ -131,47 +138,47 @@ PANELS = [
 ]
 
 
-def panel(index: int, title: str, unit: str, targets: list[tuple[str, str]], kind: str) -> dict:
-    return {
-        "id": index + 1,
-        "type": kind,
-        "title": title,
-        "datasource": {"type": "prometheus", "uid": "prometheus"},
-        "gridPos": {"x": 12 * (index % 2), "y": 8 * (index // 2), "w": 12, "h": 8},
-        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom"}},
-        "targets": [
-            {
-                "refId": chr(ord("A") + i),
-                "expr": expr,
-                "legendFormat": legend,
-                "datasource": {"type": "prometheus", "uid": "prometheus"},
-            }
-            for i, (legend, expr) in enumerate(targets)
-        ],
-    }
+def panel(index: int, title: str, unit: str, targets: list[tuple[str, str]], kind: str):
+    built = (
+        KINDS[kind]()
+        .id(index + 1)
+        .title(title)
+        .unit(unit)
+        .datasource(PROMETHEUS)
+        .grid_pos(GridPos(x=12 * (index % 2), y=8 * (index // 2), w=12, h=8))
+    )
+    if kind == "timeseries":
+        legend = common.VizLegendOptions().show_legend(True).display_mode(LegendDisplayMode.LIST)
+        legend = legend.placement(LegendPlacement.BOTTOM)
+        built = built.legend(legend)
+    for i, (legend_format, expr) in enumerate(targets):
+        query = prometheus.Dataquery().ref_id(chr(ord("A") + i)).expr(expr).legend_format(legend_format)
+        built = built.with_target(query.datasource(PROMETHEUS))
+    return built
 
 
 def dashboard() -> dict:
-    return {
-        "uid": "qada-overview",
-        "title": "QAdA: long-context heads",
-        "tags": ["qada", "vllm"],
-        "timezone": "browser",
-        "refresh": "5s",
-        "time": {"from": "now-30m", "to": "now"},
-        "schemaVersion": 39,
-        "version": 1,
-        "panels": [panel(i, *spec) for i, spec in enumerate(PANELS)],
-    }
+    """The dashboard as Grafana's JSON model."""
+    board = (
+        Dashboard("QAdA: long-context heads")
+        .uid("qada-overview")
+        .tags(["qada", "vllm"])
+        .timezone("browser")
+        .refresh("5s")
+        .time("now-30m", "now")
+        .version(1)
+    )
+    for i, spec in enumerate(PANELS):
+        board = board.with_panel(panel(i, *spec))
+    return json.loads(json.dumps(board.build(), cls=JSONEncoder))
+
+
+def render() -> str:
+    return json.dumps(dashboard(), indent=2, sort_keys=True) + "\n"
 
 
 def queries(board: dict) -> list[str]:
     return [t["expr"] for p in board["panels"] for t in p["targets"]]
-
-
-def render() -> str:
-    return json.dumps(dashboard(), indent=2) + "\n"
 
 
 if __name__ == "__main__":
