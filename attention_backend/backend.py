@@ -55,6 +55,7 @@ class DecodeRows:
     block_table: Tensor  # [n, max_blocks] on the device
     n_bulk: Tensor  # [n] int64 on the host
     decided: bool
+    replayed: tuple[bool, ...] = ()  # per row: a resumed request's token decoded before it
     plan: Any = None  # the backend's decode plan for the step (CPU: cpu_kernel.DecodePlan)
     moments: MomentStep | None = None  # the step's key-moment update (qada/prompt)
     pages: PagePlan | None = None  # the bulk pages of its rows (qada/pages)
@@ -153,8 +154,13 @@ class QadaBuilderMixin:
         settings = ctx.policy.settings
         seq_lens = host_seq_lens(cm)
         rows, lengths, tokens = list(range(num_decodes)), seq_lens[:num_decodes].tolist(), []
+        replayed = [False] * num_decodes
         if num_prefills:
-            prompt_lens, starts = ctx.num_prompt_tokens(), cm.query_start_loc_cpu.tolist()
+            prompt_lens, starts, totals = (
+                ctx.num_prompt_tokens(),
+                cm.query_start_loc_cpu.tolist(),
+                ctx.num_tokens(),
+            )
             for r in range(num_decodes, cm.num_reqs):
                 length, prompt = int(seq_lens[r]), int(prompt_lens[r])
                 first = length - (starts[r + 1] - starts[r])  # position of the chunk's first token
@@ -166,6 +172,7 @@ class QadaBuilderMixin:
                     tokens.append(starts[r] + pos - first)
                     rows.append(r)
                     lengths.append(pos + 1)
+                    replayed.append(prompt <= pos < int(totals[r]) - 1)  # the last one is new
         if not rows:
             return None
         req_ids = ctx.batch_req_ids(cm.num_reqs)
@@ -191,6 +198,7 @@ class QadaBuilderMixin:
             block_table,
             n_bulk,
             decided=decides_step(settings, n_bulk),
+            replayed=tuple(replayed),
         )
 
 
@@ -310,7 +318,9 @@ class QadaImplMixin:
             observation = exact.observe(settings.logit_tau)
         token_bytes = 2 * self.head_size * kv_cache.element_size()
         ctx.decisions.append(
-            LayerDecisions(layer, rows.req_ids, rows.seq_lens_cpu, *decisions, token_bytes, observation)
+            LayerDecisions(
+                layer, rows.req_ids, rows.seq_lens_cpu, *decisions, token_bytes, observation, rows.replayed
+            )
         )
 
     def _layer_index(self, layer) -> int:

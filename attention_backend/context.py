@@ -38,6 +38,7 @@ class LayerDecisions:
     long_groups: Tensor  # [rows, Hkv] bool
     token_bytes: int  # K + V bytes of one token of one KV head
     observation: Observation | None = None
+    replayed: tuple[bool, ...] = ()  # per row: a resumed request's token decoded before
 
 
 @dataclass
@@ -54,6 +55,7 @@ class StepDecisions:
     oracle_heads: Tensor | None = None  # with observe: [rows, layers, Hq]
     oracle_groups: Tensor | None = None  # [rows, layers, Hkv]
     top1: Tensor | None = None  # [rows, layers, Hq] int64
+    replayed: tuple[bool, ...] = ()  # per row (empty: none): counted, but not again per request
 
     @property
     def num_heads(self) -> int:
@@ -80,6 +82,10 @@ class StepContext:
         """Prompt length of each batch row (array)."""
         return self._input_batch().num_prompt_tokens
 
+    def num_tokens(self):
+        """Tokens of each batch row so far, prompt and output (array)."""
+        return self._input_batch().num_tokens_no_spec
+
     def _input_batch(self):
         batch = getattr(self.runner, "input_batch", None)
         if batch is None:
@@ -104,6 +110,7 @@ class StepContext:
             groups=groups,
             token_bytes=first.token_bytes,
             local_tokens=self.policy.settings.t_sink + self.policy.settings.t_local,
+            replayed=first.replayed,
         )
         if all(d.observation is not None for d in self.decisions):
             oracle = torch.stack([d.observation.oracle_long for d in self.decisions], dim=1).cpu()

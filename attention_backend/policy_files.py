@@ -89,10 +89,17 @@ def read_file(files_dir: str | None, name: str, max_bytes: int = MAX_FILE_BYTES)
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise missing
-        data = os.read(fd, max_bytes + 1) if info.st_size <= max_bytes else b""
-        if info.st_size > max_bytes or len(data) > max_bytes:
+        if info.st_size > max_bytes:
             raise PolicyError(f"{name!r} is larger than {max_bytes} bytes")
-        return data
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(2**20, max_bytes + 1 - size)):  # to the end, in MiB reads
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > max_bytes:  # it grew since fstat
+                raise PolicyError(f"{name!r} is larger than {max_bytes} bytes")
+        return b"".join(chunks)
+    except OSError:
+        raise PolicyError(f"cannot read {name!r} in attention.files_dir") from None
     finally:
         os.close(fd)
 
@@ -109,7 +116,7 @@ def read_policy_files(settings: QadaSettings, files_dir: str | None) -> dict:
             data = read_file(files_dir, heads)
             try:
                 heads = json.loads(data)["long_heads"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 raise PolicyError(
                     f"{settings.static_heads!r} is not a JSON object with long_heads: [[layer, head], ...]"
                 ) from None
@@ -158,7 +165,7 @@ def calib_tensors(data: bytes, shape: ModelShape) -> tuple[Tensor, Tensor]:
         tensor = tensors.get(key)
         if tensor is None or tuple(tensor.shape) != dims or not tensor.is_floating_point():
             raise PolicyError(f"calib needs a float tensor {key} of shape {list(dims)} for this model")
-        if not torch.isfinite(tensor).all():
+        if not torch.isfinite(tensor.float()).all():
             raise PolicyError(f"calib: {key} has non-finite values")
         out.append(tensor.float())
     return out[0], out[1]

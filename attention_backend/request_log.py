@@ -9,6 +9,8 @@ are keyed by their engine request id."""
 
 from __future__ import annotations
 
+import os
+import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, fields
 
@@ -17,6 +19,13 @@ from torch import Tensor
 from .context import StepDecisions
 
 REQUEST_TAG = "qada_tag"
+# The launcher's secret (QADA_TAG_SECRET, shared by the API server and the engine's processes):
+# tags begin with it, so a client cannot make up one the worker trusts.
+_TAG_SECRET = os.environ.get("QADA_TAG_SECRET", "")
+
+
+def new_tag() -> str:
+    return _TAG_SECRET + secrets.token_hex(12)
 
 
 def request_keys(runner, req_ids: list[str]) -> list[str]:
@@ -26,7 +35,8 @@ def request_keys(runner, req_ids: list[str]) -> list[str]:
     for req_id in req_ids:
         params = getattr(states.get(req_id), "sampling_params", None)
         tag = (getattr(params, "extra_args", None) or {}).get(REQUEST_TAG)
-        keys.append(tag if isinstance(tag, str) else req_id)
+        trusted = isinstance(tag, str) and tag.startswith(_TAG_SECRET) and len(tag) > len(_TAG_SECRET)
+        keys.append(tag if trusted else req_id)
     return keys
 
 
@@ -105,10 +115,13 @@ class RequestLog:
 
     def add(self, step: StepDecisions, keys: list[str]) -> None:
         """Attribute a step's decisions to its rows' requests, whose keys are `keys` (a
-        prompt-tail request may have several rows: each is one decode step of it)."""
+        prompt-tail request may have several rows: each is one decode step of it). The tokens a
+        resumed request decodes again were recorded the first time, and are skipped."""
         self.num_heads = step.num_heads
         observed = step.oracle_heads is not None
         for row, (req_id, key) in enumerate(zip(step.req_ids, keys, strict=True)):
+            if step.replayed and step.replayed[row]:  # recorded when it was first decoded
+                continue
             entry = self.decisions.pop(key, None) or RequestDecisions()
             oracle = (step.oracle_heads[row], step.oracle_groups[row]) if observed else None
             entry.add(step.heads[row], step.groups[row], oracle)

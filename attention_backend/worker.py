@@ -80,7 +80,7 @@ class QadaWorkerMixin:
         except ValidationError as exc:
             return {"error": describe(exc)}
         except ValueError as exc:  # PolicyError, or a page size the summaries cannot give
-            return {"error": str(exc)}
+            return {"error": (str(exc).splitlines() or ["invalid policy"])[0]}
         return self.qada_settings()
 
     def qada_settings(self) -> dict:

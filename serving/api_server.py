@@ -1,11 +1,13 @@
 """vLLM's OpenAI server entry point (`vllm.entrypoints.launchers.api_server.entry.main`, same
-arguments), run with uvicorn's h11 protocol and two limits vLLM has no flag for.
+arguments), run with uvicorn's h11 protocol and a limit vLLM has no flag for.
 
 vLLM's own `--h11-max-incomplete-event-size` bounds the request line and headers, but only under
 h11: uvicorn picks httptools when it is installed, which has no bound (30 MB of headers were
 accepted). And uvicorn closes idle keep-alive connections but never one that opens and sends
 nothing, or half a request (200 such connections were held 40 s and more): `HeadTimeoutH11`
-closes a connection whose request line and headers are not complete in time.
+closes a connection whose request line and headers are not complete in time. (No cap on
+connections: uvicorn's `limit_concurrency` counts idle ones too, so 512 silent connections
+would turn every request into a 503.)
 """
 
 from __future__ import annotations
@@ -30,23 +32,29 @@ class HeadTimeoutH11(H11Protocol):
     def data_received(self, data: bytes) -> None:
         waiting = self.cycle
         super().data_received(data)
-        if self.cycle is not waiting and self._head_timer is not None:  # a request's head is in
-            self._head_timer.cancel()
-            self._head_timer = None
+        if self.cycle is not waiting:  # a request's head is in
+            self._cancel_head_timer()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
         if not self.transport.is_closing():  # idle, uvicorn closes it at keep-alive; a head begun
             self._arm_head_timer(self.timeout_keep_alive)  # then gets the head timeout on top
 
+    def handle_websocket_upgrade(self, event) -> None:
+        self._cancel_head_timer()  # the WebSocket protocol owns the connection from here
+        super().handle_websocket_upgrade(event)
+
     def connection_lost(self, exc) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
+        self._cancel_head_timer()
         super().connection_lost(exc)
 
-    def _arm_head_timer(self, after_s: float = 0) -> None:
+    def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
             self._head_timer.cancel()
+            self._head_timer = None
+
+    def _arm_head_timer(self, after_s: float = 0) -> None:
+        self._cancel_head_timer()
         self._head_timer = self.loop.call_later(after_s + self.head_timeout_s, self._head_timed_out)
 
     def _head_timed_out(self) -> None:
@@ -69,8 +77,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
-    limit = int(os.environ.get("QADA_MAX_CONNECTIONS", "512"))
-    uvloop.run(entry.run_server(args, http=HeadTimeoutH11, limit_concurrency=limit))
+    uvloop.run(entry.run_server(args, http=HeadTimeoutH11))
 
 
 if __name__ == "__main__":

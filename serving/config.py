@@ -79,9 +79,6 @@ class LimitsConfig(_Strict):
         description="a connection that has not sent a whole request line and headers within this "
         "long (when opened, or after its last response) is closed",
     )
-    max_connections: int = Field(
-        512, ge=1, le=2**20, description="open connections and requests at once; more get a 503"
-    )
 
 
 class ServeConfig(_Strict):

@@ -63,30 +63,46 @@ async def _change_policy(request: Request, merge: bool):
     state = request.app.state
     if not state.qada_enabled:
         return _error(409, "QAdA attention is not enabled on this server (attention.enabled: false)")
+    try:  # the body is read before the lock: a slow client holds up no other change
+        body = _policy_keys(await request.json())
+    except (ValueError, RecursionError) as exc:  # malformed JSON, PolicyError
+        return _rejected(f"invalid policy: {_first_line(exc)}")
     async with state.qada_policy_lock:  # one change at a time: a PATCH merges onto the last
         try:
-            body = await request.json()
-            if not isinstance(body, dict):
-                raise PolicyError("the body must be a JSON object of policy keys")
-            if body.pop("enabled", True) is not True:  # true: what GET says, so GET -> PUT works
-                raise PolicyError("enabled: the attention backend is chosen at launch, not by a policy")
-            server_keys = sorted(SERVER_KEYS & body.keys())
-            if server_keys:
-                raise PolicyError(f"{', '.join(server_keys)}: set at launch, not a policy key")
             base = await _rpc(request, "qada_settings") if merge else {}
             settings = QadaSettings.model_validate({**base, **body})
             state.qada_pages.check(settings.page_chunk, state.qada_shape.block_size)
-            files = read_policy_files(settings, state.qada_files_dir)
+            files = await asyncio.to_thread(read_policy_files, settings, state.qada_files_dir)
             ActivePolicy.load(settings, state.qada_shape, files)  # everything the worker checks
         except ValidationError as exc:
             return _rejected(f"invalid policy: {describe(exc)}")
-        except ValueError as exc:  # PolicyError, malformed JSON, a page size not summarised
-            return _rejected(f"invalid policy: {str(exc).splitlines()[0]}")
-        applied = await _rpc(request, "qada_configure", settings.model_dump(), files)
+        except ValueError as exc:  # PolicyError, a page size not summarised
+            return _rejected(f"invalid policy: {_first_line(exc)}")
+        try:
+            applied = await _rpc(request, "qada_configure", settings.model_dump(), files)
+        except Exception as exc:  # the engine is gone or failing: no traceback to the client
+            logger.warning("policy change failed in the engine: %s", _first_line(exc))
+            return _error(503, "the engine could not apply the policy; the previous one stays")
         if "error" in applied:  # only if the worker disagrees with the checks above
             return _rejected(f"policy rejected by the engine: {applied['error']}")
     logger.info("policy changed: %s", json.dumps(applied))
     return {"enabled": True, **applied}
+
+
+def _policy_keys(body) -> dict:
+    """The body's policy keys; PolicyError for what is not one."""
+    if not isinstance(body, dict):
+        raise PolicyError("the body must be a JSON object of policy keys")
+    if body.pop("enabled", True) is not True:  # true: what GET says, so GET -> PUT works
+        raise PolicyError("enabled: the attention backend is chosen at launch, not by a policy")
+    server_keys = sorted(SERVER_KEYS & body.keys())
+    if server_keys:
+        raise PolicyError(f"{', '.join(server_keys)}: set at launch, not a policy key")
+    return body
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _rejected(message: str) -> JSONResponse:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -91,11 +92,11 @@ def vllm_environment(cfg: ServeConfig, base: dict[str, str] | None = None) -> di
     # A fresh directory per launch, as prometheus_client's multiprocess mode requires.
     env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="qada-prometheus-")
     env.update(auth_environment(cfg))
+    env["QADA_TAG_SECRET"] = secrets.token_hex(16)  # request tags begin with it (request_log.py)
     limits = cfg.limits
     env["VLLM_MAX_N_SEQUENCES"] = str(limits.max_n)
     env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] = str(limits.keep_alive_s)
     env["QADA_REQUEST_HEAD_TIMEOUT_S"] = f"{limits.request_head_timeout_s:g}"
-    env["QADA_MAX_CONNECTIONS"] = str(limits.max_connections)
     if cfg.engine.kv_cache_space_gib:  # the config's value wins over an inherited variable
         inherited = env.get("VLLM_CPU_KVCACHE_SPACE")
         if inherited not in (None, str(cfg.engine.kv_cache_space_gib)):

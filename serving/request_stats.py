@@ -2,8 +2,9 @@
 per-request QAdA decisions in `usage.qada` for clients that ask.
 
 Every completion and chat request gets a fresh tag in its `vllm_xargs`
-(`attention_backend.request_log.REQUEST_TAG`, replacing any a client sent), which vLLM carries into
-the sampling parameters the worker sees: the worker keys its per-request log by it. The response
+(`attention_backend.request_log.REQUEST_TAG`, replacing any a client sent; it begins with the
+launch's secret, so a tag a client puts into another route is not trusted), which vLLM carries
+into the sampling parameters the worker sees: the worker keys its per-request log by it. The response
 id is mapped to the tag here (`RequestTags`), so lookups by response id are exact even when
 clients choose ids (`X-Request-Id`, `request_id`) that repeat or prefix one another.
 
@@ -15,17 +16,18 @@ responses in the final usage chunk, so they need `stream_options: {"include_usag
 from __future__ import annotations
 
 import json
-import secrets
+import re
 from collections import OrderedDict
 
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from attention_backend.request_log import REQUEST_TAG
+from attention_backend.request_log import REQUEST_TAG, new_tag
 from serving.middleware import send_body
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 HEADER = "x-qada-stats"
+_RESPONSE_ID = re.compile(rb'"id"\s*:\s*"([^"\\]{1,512})"')
 
 
 class RequestTags:
@@ -58,51 +60,53 @@ class QadaRequestStats:
         ):
             await self.app(scope, receive, send)
             return
-        tag = secrets.token_hex(12)
+        tag = new_tag()
         body = _tagged(await _read_body(receive), tag)
         headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope = {**scope, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
         wants_stats = Headers(scope=scope).get(HEADER) in ("1", "true")
         engine, tags = state.qada_engine, state.qada_request_tags
-        start: Message | None = None
-        streaming, recorded = False, False
+        start: Message | None = None  # held until the body is complete (usage.qada, not streamed)
+        streaming, ok, recorded = False, False, False
         pending = b""  # body bytes not yet complete events / JSON
 
-        async def note(payload: dict, final: bool) -> None:
-            """Map the response id to the tag; add usage.qada to a final usage payload."""
-            nonlocal recorded
-            if not recorded and isinstance(payload.get("id"), str):
-                tags.record(payload["id"], tag)
-                recorded = True
-            usage = payload.get("usage")
-            if final and wants_stats and isinstance(usage, dict):
-                usage["qada"] = (await engine.collective_rpc("qada_request_stats", args=(tag,)))[0]
+        async def add_stats(payload: dict) -> None:
+            if isinstance(payload.get("usage"), dict):
+                payload["usage"]["qada"] = (await engine.collective_rpc("qada_request_stats", args=(tag,)))[0]
 
         async def wrapped(message: Message) -> None:
-            nonlocal start, streaming, pending
+            nonlocal start, streaming, ok, recorded, pending
             if message["type"] == "http.response.start":
                 content_type = Headers(raw=message.get("headers", [])).get("content-type", "")
-                streaming = content_type.startswith("text/event-stream")
-                if message["status"] != 200 or streaming:
-                    await send(message)
-                else:
+                streaming, ok = content_type.startswith("text/event-stream"), message["status"] == 200
+                if ok and wants_stats and not streaming:
                     start = message  # held: the body length will change
+                else:
+                    await send(message)
                 return
-            if message["type"] != "http.response.body" or (start is None and not streaming):
+            if message["type"] != "http.response.body" or not ok:
+                await send(message)
+                return
+            if not recorded:  # the response id comes first in vLLM's JSON and in every chunk
+                found = _RESPONSE_ID.search(message.get("body", b"")[:4096])
+                if found:
+                    tags.record(found.group(1).decode(), tag)
+                    recorded = True
+            if not wants_stats:
                 await send(message)
                 return
             pending += message.get("body", b"")
             more = message.get("more_body", False)
             if streaming:
                 *events, pending = pending.split(b"\n\n")
-                out = [await _noted(event, note, recorded, wants_stats) for event in events]
+                out = [await _with_stats(event, add_stats) for event in events]
                 body = b"".join(event + b"\n\n" for event in out)
                 if not more:
                     body, pending = body + pending, b""
                 await send({"type": "http.response.body", "body": body, "more_body": more})
             elif not more:
                 payload = json.loads(pending)
-                await note(payload, final=True)
+                await add_stats(payload)
                 await send_body(send, start, json.dumps(payload).encode())
 
         await self.app(scope, _replay(body, receive), wrapped)
@@ -124,7 +128,7 @@ def _tagged(body: bytes, tag: str) -> bytes:
     with an object or no vllm_xargs: vLLM answers that with its own 400)."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return body
     if not isinstance(payload, dict) or not isinstance(payload.get("vllm_xargs") or {}, dict):
         return body
@@ -146,11 +150,12 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _noted(event: bytes, note, recorded: bool, wants_stats: bool) -> bytes:
-    """An SSE event, noted if it carries the first id or the final usage (with usage.qada added)."""
-    if not event.startswith(b"data: {") or (recorded and not (wants_stats and b'"usage"' in event)):
+async def _with_stats(event: bytes, add_stats) -> bytes:
+    """An SSE event, with usage.qada added if it is the final usage chunk."""
+    if not event.startswith(b"data: {") or b'"usage"' not in event:
         return event
     payload = json.loads(event[len(b"data: ") :])
-    final = bool(payload.get("usage"))
-    await note(payload, final)
-    return b"data: " + json.dumps(payload).encode() if final and wants_stats else event
+    if not payload.get("usage"):
+        return event
+    await add_stats(payload)
+    return b"data: " + json.dumps(payload).encode()

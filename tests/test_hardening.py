@@ -174,8 +174,9 @@ def test_client_limits(qada_server):
     assert httpx.get(qada_server.url + "/health", timeout=10).status_code == 200
 
 
-async def all_greedy(server, prompts: list[str], max_tokens: int) -> list[str]:
-    """All prompts at once, each generating `max_tokens` at temperature 0."""
+async def all_greedy(server, prompts: list[str], max_tokens: int) -> list[tuple[str, int]]:
+    """All prompts at once, each generating `max_tokens` at temperature 0: (text, decode steps
+    in its usage.qada)."""
     client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
     replies = await asyncio.gather(
         *(
@@ -185,11 +186,12 @@ async def all_greedy(server, prompts: list[str], max_tokens: int) -> list[str]:
                 max_tokens=max_tokens,
                 temperature=0,
                 extra_body={"ignore_eos": True},
+                extra_headers={"X-QAdA-Stats": "1"},
             )
             for p in prompts
         )
     )
-    return [r.choices[0].text for r in replies]
+    return [(r.choices[0].text, r.model_dump()["usage"]["qada"]["decode_steps"]) for r in replies]
 
 
 @pytest.fixture(scope="module")
@@ -226,5 +228,7 @@ def test_preemption_does_not_change_greedy_outputs(qada_server, small_kv_server,
         outputs.append(asyncio.run(all_greedy(srv, prompts, 120)))
     preempted = total(scrape(small_kv_server), "vllm:num_preemptions_total")
     assert preempted > 0  # the small cache really preempted
-    same = [a == b for a, b in zip(*outputs, strict=True)]
+    same = [a == b for (a, _), (b, _) in zip(*outputs, strict=True)]
     assert all(same), f"{same.count(False)} of 8 differ after {preempted:g} preemptions"
+    # a resumed request's tokens decoded again are not counted again for it
+    assert [steps for out in outputs for _, steps in out] == [119] * 16

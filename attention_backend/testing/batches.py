@@ -79,7 +79,11 @@ def common_metadata(spec: BatchSpec, block_table: torch.Tensor, block_size: int)
 def stand_in_runner(spec: BatchSpec) -> SimpleNamespace:
     """A model runner whose persistent batch holds `spec`'s requests (what the builder reads)."""
     return SimpleNamespace(
-        input_batch=SimpleNamespace(req_ids=list(spec.req_ids), num_prompt_tokens=list(spec.prompt_lens))
+        input_batch=SimpleNamespace(
+            req_ids=list(spec.req_ids),
+            num_prompt_tokens=list(spec.prompt_lens),
+            num_tokens_no_spec=list(spec.seq_lens),
+        )
     )
 
 

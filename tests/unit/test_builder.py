@@ -183,6 +183,7 @@ def test_a_resumed_request_decodes_its_generated_tokens_again(builder):
     assert rows.seq_lens_cpu.tolist() == [40, 300, 700, *range(481, 501)]
     assert rows.req_ids == spec.req_ids[:3] + [spec.req_ids[4]] * 20
     assert torch.equal(rows.block_table[3:], table[[4] * 20])
+    assert rows.replayed == (False,) * 3 + (True,) * 19 + (False,)  # 499 is new: it was never fed
     # under `full`, it is prefilled as stock vLLM does
     meta, _, _ = build(builder, spec, {"policy": "full"})
     assert len(meta.decode) == 3 and meta.stock is not None

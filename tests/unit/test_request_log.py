@@ -64,3 +64,21 @@ def test_the_engine_requests_of_one_api_request_add_up():
     }
     log.add(step(["other"], [0]), ["u"])  # the oldest trace goes, and its key with it
     assert log.trace("t") is None and set(log.trace_keys) == {"other"}
+
+
+def test_tokens_decoded_again_after_preemption_count_once(monkeypatch):
+    log = RequestLog()
+    log.add(step(["r"], [1]), ["t"])
+    replay = step(["r", "r", "r"], [1, 1, 0])
+    replay.replayed = (True, True, False)  # a resumed request: two tokens again, one new
+    log.add(replay, ["t"] * 3)
+    assert log.request("t")["decode_steps"] == 2 and len(log.trace("t")["long"]) == 2
+
+
+def test_only_tags_that_begin_with_the_launch_secret_are_trusted(monkeypatch):
+    import attention_backend.request_log as request_log
+
+    monkeypatch.setattr(request_log, "_TAG_SECRET", "s3cret")
+    tag = request_log.new_tag()
+    runner = runner_with({"a": tag, "b": "made-up-by-a-client", "c": "s3cret"})
+    assert tag.startswith("s3cret") and request_keys(runner, ["a", "b", "c"]) == [tag, "b", "c"]
