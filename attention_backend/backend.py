@@ -38,9 +38,11 @@ from .settings import QadaSettings
 
 def decides_step(settings: QadaSettings, n_bulk: Tensor) -> bool:
     """Whether a step's decode rows are decided, or all read everything as stock vLLM does:
-    under policy `full`, and when their bulks add up to fewer than `min_bulk` tokens (on CPU the
-    decision's fixed cost per layer exceeds the read it could save there)."""
-    return settings.decides and int(n_bulk.sum()) >= settings.min_bulk
+    under policy `full`, and when every row's bulk is shorter than `min_bulk` tokens (on CPU the
+    decision's fixed cost per layer exceeds the read it could save there). In a decided step,
+    such rows read everything too (`DecodeRows.reads_all`): a row's treatment never depends on
+    the other rows of its batch, so outputs do not change with load."""
+    return settings.decides and bool((n_bulk >= settings.min_bulk).any())
 
 
 @dataclass
@@ -56,6 +58,7 @@ class DecodeRows:
     n_bulk: Tensor  # [n] int64 on the host
     decided: bool
     replayed: tuple[bool, ...] = ()  # per row: a resumed request's token decoded before it
+    reads_all: Tensor | None = None  # in a decided step: rows whose bulk is below min_bulk
     plan: Any = None  # the backend's decode plan for the step (CPU: cpu_kernel.DecodePlan)
     moments: MomentStep | None = None  # the step's key-moment update (qada/prompt)
     pages: PagePlan | None = None  # the bulk pages of its rows (qada/pages)
@@ -178,6 +181,7 @@ class QadaBuilderMixin:
         req_ids = ctx.batch_req_ids(cm.num_reqs)
         seq_lens_cpu = torch.tensor(lengths, dtype=torch.long)
         n_bulk = bulk_sizes(seq_lens_cpu, settings)
+        decided = decides_step(settings, n_bulk)
         device = cm.block_table_tensor.device
         if tokens:  # prompt tails: gathered rows
             token_index = torch.tensor(list(range(num_decodes)) + tokens)
@@ -197,9 +201,16 @@ class QadaBuilderMixin:
             seq_lens_cpu,
             block_table,
             n_bulk,
-            decided=decides_step(settings, n_bulk),
+            decided=decided,
             replayed=tuple(replayed),
+            reads_all=_short_rows(n_bulk, settings.min_bulk, device) if decided else None,
         )
+
+
+def _short_rows(n_bulk: Tensor, min_bulk: int, device: torch.device) -> Tensor | None:
+    """Indices of the rows whose bulk is shorter than `min_bulk` (None if there are none)."""
+    short = (n_bulk < min_bulk).nonzero().flatten()
+    return short.to(device) if len(short) else None
 
 
 class QadaBackendMixin:
@@ -312,6 +323,8 @@ class QadaImplMixin:
             result = self._attend(batch, rows, settings, inputs)
             output[rows.token_index] = result.output.view(shape)
             decisions = result.long_heads, result.long_groups
+            if rows.reads_all is not None:  # as if alone in the step: read in full
+                decisions = self._read_short_rows(batch, rows, output, decisions)
         observation = None
         if settings.observe:  # evaluation only: the exact scores of every key
             exact = exact_lse(self.layout, batch, rows.seq_lens_cpu.tolist(), settings)
@@ -322,6 +335,22 @@ class QadaImplMixin:
                 layer, rows.req_ids, rows.seq_lens_cpu, *decisions, token_bytes, observation, rows.replayed
             )
         )
+
+    def _read_short_rows(
+        self, batch: DecodeBatch, rows: DecodeRows, output: Tensor, decisions: tuple[Tensor, Tensor]
+    ) -> tuple[Tensor, Tensor]:
+        """The rows of a decided step whose bulk is below min_bulk, read in full (their outputs
+        overwrite the decided ones) and counted long wherever they have a bulk."""
+        idx = rows.reads_all
+        sub = batch._replace(
+            query=batch.query[idx], block_table=batch.block_table[idx], seq_lens=batch.seq_lens[idx]
+        )
+        tokens = torch.arange(output.shape[0], device=output.device)[rows.token_index][idx]
+        output[tokens] = self._read_everything(sub).view(len(idx), *output.shape[1:]).to(output.dtype)
+        heads, groups = (d.clone() for d in decisions)
+        full_heads, full_groups = reads_everything(rows.n_bulk[idx.cpu()], self.num_heads, self.num_kv_heads)
+        heads[idx], groups[idx] = full_heads.to(heads.device), full_groups.to(groups.device)
+        return heads, groups
 
     def _layer_index(self, layer) -> int:
         if self._qada_layer_index is None:  # the layer's name is known only at forward

@@ -67,7 +67,7 @@ class QadaSettings(BaseModel):
         0,
         ge=0,
         le=2**40,
-        description="a decode step whose bulks add up to fewer tokens reads everything instead of "
+        description="a decode row whose bulk is shorter reads everything (as stock) instead of "
         "deciding (deciding costs more than such a read on CPU)",
     )
     static_heads: str | list[tuple[int, int]] | None = Field(

@@ -83,9 +83,9 @@ def test_a_batch_without_decode_rows_is_stock(builder):
 
 
 def test_the_step_mode_is_decided_in_one_place():
-    bulks = torch.tensor([0, 5, 10])  # 15 bulk tokens in all
-    assert decides_step(QadaSettings(policy="local", min_bulk=15), bulks)
-    assert not decides_step(QadaSettings(policy="local", min_bulk=16), bulks)
+    bulks = torch.tensor([0, 5, 10])
+    assert decides_step(QadaSettings(policy="local", min_bulk=10), bulks)  # one row reaches it
+    assert not decides_step(QadaSettings(policy="local", min_bulk=11), bulks)  # none does
     assert not decides_step(QadaSettings(policy="full"), bulks)
     assert decides_step(QadaSettings(policy="oracle"), torch.zeros(3, dtype=torch.long))
 
@@ -94,8 +94,8 @@ def test_the_step_mode_is_decided_in_one_place():
     "settings, decided",
     [
         ({"policy": "full"}, False),
-        ({"policy": "qada", "min_bulk": 556 + 156 + 1}, False),  # the mixed batch's decode bulks: 0, 156, 556
-        ({"policy": "qada", "min_bulk": 556 + 156}, True),
+        ({"policy": "qada", "min_bulk": 557}, False),  # the mixed batch's decode bulks: 0, 156, 556
+        ({"policy": "qada", "min_bulk": 556}, True),
     ],
 )
 def test_stock_fallback(builder, settings, decided):
@@ -103,6 +103,7 @@ def test_stock_fallback(builder, settings, decided):
     assert meta.decode.decided is decided
     if decided:
         assert meta.stock is None and meta.prefill is not None and meta.decode.plan is not None
+        assert meta.decode.reads_all.tolist() == [0, 1]  # the rows below min_bulk: read in full
     else:  # the whole batch, decodes and prefills, in one stock call; nothing planned
         assert isinstance(meta.stock, CPUAttentionMetadata) and meta.stock.num_actual_tokens == 60
         assert meta.prefill is None and meta.decode.plan is None and meta.decode.moments is None

@@ -140,20 +140,27 @@ def test_mixed_per_group_decisions_match_masked_reference(vllm_config):
 
 
 @pytest.mark.parametrize("policy", ["local", "qada"])
-def test_min_bulk_steps_read_everything(vllm_config, policy):
-    """A step whose decode rows' bulks add up to fewer than min_bulk tokens reads everything, as
-    stock does (heads with a bulk count as long); at the threshold, the policy decides."""
+def test_rows_below_min_bulk_read_everything(vllm_config, policy):
+    """A row whose bulk is shorter than min_bulk reads everything, as stock does (its heads with
+    a bulk count as long), whatever the other rows of its step: a step of only such rows runs
+    stock; in a decided step, the others are decided as without min_bulk."""
     batch = make_batch(32, torch.float32, seed=7)
-    bulk = sum(max(n - T_SINK - T_LOCAL, 0) for n in SPEC.seq_lens[:ND])  # 0 + 156 + 556
+    bulks = [max(n - T_SINK - T_LOCAL, 0) for n in SPEC.seq_lens[:ND]]  # 0, 156, 556
     settings = {"policy": policy, "tau": 0.5}
     _, plain, _, plain_step = run_both(batch, vllm_config, torch.float32, 32, settings)
     stock, above, meta, step = run_both(
-        batch, vllm_config, torch.float32, 32, {**settings, "min_bulk": bulk + 1}
+        batch, vllm_config, torch.float32, 32, {**settings, "min_bulk": max(bulks) + 1}
     )
     assert meta.stock is not None
     torch.testing.assert_close(above, stock, rtol=0, atol=0)
-    has_bulk = torch.tensor([n > T_SINK + T_LOCAL for n in SPEC.seq_lens[:ND]])
+    has_bulk = torch.tensor([b > 0 for b in bulks])
     assert torch.equal(step.heads[:, 0], has_bulk.unsqueeze(1).expand(ND, HQ))
-    _, at, meta, at_step = run_both(batch, vllm_config, torch.float32, 32, {**settings, "min_bulk": bulk})
-    assert meta.decode.decided and torch.equal(at, plain) and torch.equal(at_step.heads, plain_step.heads)
-    assert not at_step.heads.all()
+    _, mixed, meta, mixed_step = run_both(
+        batch, vllm_config, torch.float32, 32, {**settings, "min_bulk": max(bulks)}
+    )
+    assert meta.decode.decided and meta.decode.reads_all.tolist() == [0, 1]
+    torch.testing.assert_close(mixed[:2], stock[:2], **TOL[torch.float32])  # read in full
+    assert torch.equal(mixed[2], plain[2]) and torch.equal(mixed_step.heads[2], plain_step.heads[2])
+    assert torch.equal(mixed_step.heads[:2, 0], has_bulk[:2].unsqueeze(1).expand(2, HQ))
+    if policy == "local":  # without min_bulk, row 1 skipped its bulk: min_bulk really changed it
+        assert not plain_step.heads[1, 0].any() and not torch.allclose(plain[1], stock[1], atol=1e-3)
