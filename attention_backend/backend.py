@@ -58,7 +58,8 @@ class DecodeRows:
     n_bulk: Tensor  # [n] int64 on the host
     decided: bool
     replayed: tuple[bool, ...] = ()  # per row: a resumed request's token decoded before it
-    reads_all: Tensor | None = None  # in a decided step: rows whose bulk is below min_bulk
+    reads_all: Tensor | None = None  # in a decided step: rows whose bulk is below min_bulk (host)
+    reads_all_index: tuple[Tensor, Tensor] | None = None  # those rows and their tokens, on the device
     plan: Any = None  # the backend's decode plan for the step (CPU: cpu_kernel.DecodePlan)
     moments: MomentStep | None = None  # the step's key-moment update (qada/prompt)
     pages: PagePlan | None = None  # the bulk pages of its rows (qada/pages)
@@ -182,6 +183,7 @@ class QadaBuilderMixin:
         seq_lens_cpu = torch.tensor(lengths, dtype=torch.long)
         n_bulk = bulk_sizes(seq_lens_cpu, settings)
         decided = decides_step(settings, n_bulk)
+        short = (n_bulk < settings.min_bulk).nonzero().flatten() if decided else None
         device = cm.block_table_tensor.device
         if tokens:  # prompt tails: gathered rows
             token_index = torch.tensor(list(range(num_decodes)) + tokens)
@@ -203,14 +205,16 @@ class QadaBuilderMixin:
             n_bulk,
             decided=decided,
             replayed=tuple(replayed),
-            reads_all=_short_rows(n_bulk, settings.min_bulk, device) if decided else None,
+            **_full_reads(short, token_index, device),
         )
 
 
-def _short_rows(n_bulk: Tensor, min_bulk: int, device: torch.device) -> Tensor | None:
-    """Indices of the rows whose bulk is shorter than `min_bulk` (None if there are none)."""
-    short = (n_bulk < min_bulk).nonzero().flatten()
-    return short.to(device) if len(short) else None
+def _full_reads(short: Tensor | None, token_index: slice | Tensor, device: torch.device) -> dict:
+    """`reads_all` and `reads_all_index` of DecodeRows for the rows `short` (none if empty)."""
+    if short is None or not len(short):
+        return {}
+    tokens = short if isinstance(token_index, slice) else token_index[short]  # the slice starts at 0
+    return {"reads_all": short, "reads_all_index": (short.to(device), tokens.to(device))}
 
 
 class QadaBackendMixin:
@@ -341,14 +345,15 @@ class QadaImplMixin:
     ) -> tuple[Tensor, Tensor]:
         """The rows of a decided step whose bulk is below min_bulk, read in full (their outputs
         overwrite the decided ones) and counted long wherever they have a bulk."""
-        idx = rows.reads_all
+        idx, tokens = rows.reads_all_index
         sub = batch._replace(
             query=batch.query[idx], block_table=batch.block_table[idx], seq_lens=batch.seq_lens[idx]
         )
-        tokens = torch.arange(output.shape[0], device=output.device)[rows.token_index][idx]
         output[tokens] = self._read_everything(sub).view(len(idx), *output.shape[1:]).to(output.dtype)
         heads, groups = (d.clone() for d in decisions)
-        full_heads, full_groups = reads_everything(rows.n_bulk[idx.cpu()], self.num_heads, self.num_kv_heads)
+        full_heads, full_groups = reads_everything(
+            rows.n_bulk[rows.reads_all], self.num_heads, self.num_kv_heads
+        )
         heads[idx], groups[idx] = full_heads.to(heads.device), full_groups.to(groups.device)
         return heads, groups
 

@@ -23,6 +23,18 @@ from .kv_layout import KVLayout
 MEAN, VAR, MIN, MAX = range(4)
 
 
+def check_page_chunk(page_chunk: int, stored_chunk: int, block_size: int | None = None) -> None:
+    """Refuse a page size summaries stored at `stored_chunk` cannot give (not a multiple of it,
+    or one that does not divide the block)."""
+    if page_chunk % stored_chunk:
+        raise ValueError(
+            f"page_chunk {page_chunk} is not a multiple of {stored_chunk}, the page size the "
+            "summaries were launched with"
+        )
+    if block_size is not None and block_size % page_chunk:
+        raise ValueError(f"page_chunk {page_chunk} does not divide the KV block size {block_size}")
+
+
 class PageSummaries:
     """Per layer: stats [4, num_blocks * block_size // chunk, Hkv, D] (MEAN, VAR, MIN, MAX);
     chunk `i` holds tokens [i * chunk, (i + 1) * chunk) of the flat slot space."""
@@ -32,15 +44,8 @@ class PageSummaries:
         self.layers: dict[int, Tensor] = {}
 
     def check(self, page_chunk: int, block_size: int | None = None) -> None:
-        """Refuse a page size the stored summaries cannot give (not a multiple of the stored one,
-        or one that does not divide the block)."""
-        if page_chunk % self.chunk:
-            raise ValueError(
-                f"page_chunk {page_chunk} is not a multiple of {self.chunk}, the page size the "
-                "summaries were launched with"
-            )
-        if block_size is not None and block_size % page_chunk:
-            raise ValueError(f"page_chunk {page_chunk} does not divide the KV block size {block_size}")
+        """Refuse a page size these summaries cannot give (`check_page_chunk`)."""
+        check_page_chunk(page_chunk, self.chunk, block_size)
 
     def layer(self, layer: int, layout: KVLayout, key_cache: Tensor) -> Tensor:
         """This layer's summaries, allocated at its first use (zeros)."""

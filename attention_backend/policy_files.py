@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .page_summaries import check_page_chunk
+
 if TYPE_CHECKING:
     from .settings import QadaSettings
 
@@ -29,6 +31,11 @@ MAX_FILE_BYTES = 256 * 2**20
 
 class PolicyError(ValueError):
     """A policy that cannot apply to this model or server; its message is one line for the client."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message as one line for a client (its type when it has none)."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 @dataclass(frozen=True)
@@ -41,9 +48,10 @@ class ModelShape:
     head_size: int
     max_model_len: int
     block_size: int
+    page_chunk: int  # the launch page size: what the page summaries store
 
     @classmethod
-    def from_vllm_config(cls, vllm_config) -> ModelShape:
+    def from_vllm_config(cls, vllm_config, page_chunk: int) -> ModelShape:
         model = vllm_config.model_config
         text = model.hf_text_config
         return cls(
@@ -53,10 +61,12 @@ class ModelShape:
             head_size=model.get_head_size(),
             max_model_len=model.max_model_len,
             block_size=vllm_config.cache_config.block_size,
+            page_chunk=page_chunk,
         )
 
     def check(self, settings: QadaSettings) -> None:
-        """Bounds that come from the model (the settings model has the absolute ones)."""
+        """Bounds that come from the model and the launch (the settings model has the absolute
+        ones)."""
         if settings.t_sink + settings.t_local >= self.max_model_len:
             raise PolicyError(
                 f"t_sink + t_local must be below max_model_len ({self.max_model_len}), "
@@ -64,10 +74,10 @@ class ModelShape:
             )
         if settings.decode_tail > self.max_model_len:
             raise PolicyError(f"decode_tail must be at most max_model_len ({self.max_model_len})")
-        if self.block_size % settings.page_chunk:
-            raise PolicyError(
-                f"page_chunk must divide the KV block size ({self.block_size}), got {settings.page_chunk}"
-            )
+        try:
+            check_page_chunk(settings.page_chunk, self.page_chunk, self.block_size)
+        except ValueError as exc:
+            raise PolicyError(str(exc)) from None
 
 
 def read_file(files_dir: str | None, name: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:

@@ -20,7 +20,7 @@ from .context import StepContext, reset_step_context, set_step_context
 from .counters import DecisionCounters
 from .moments import MomentStore
 from .page_summaries import PageSummaries
-from .policy_files import ModelShape, read_policy_files
+from .policy_files import ModelShape, one_line, read_policy_files
 from .request_log import RequestLog, request_keys
 from .settings import (
     ActivePolicy,
@@ -43,7 +43,7 @@ class QadaWorkerMixin:
     def init_device(self) -> None:
         super().init_device()
         settings = settings_from_vllm_config(self.vllm_config.additional_config)
-        self._qada_shape = ModelShape.from_vllm_config(self.vllm_config)
+        self._qada_shape = ModelShape.from_vllm_config(self.vllm_config, settings.page_chunk)
         self._qada_pages = PageSummaries(settings.page_chunk)
         files_dir = files_dir_from_vllm_config(self.vllm_config.additional_config)
         self._apply(settings, read_policy_files(settings, files_dir))
@@ -51,7 +51,6 @@ class QadaWorkerMixin:
     def _apply(self, settings: QadaSettings, files: dict) -> None:
         """Build `settings` with their files' contents and swap them in whole (between steps:
         RPCs and steps never run at the same time); raises PolicyError and then changes nothing."""
-        self._qada_pages.check(settings.page_chunk, self._qada_shape.block_size)
         policy = ActivePolicy.load(settings, self._qada_shape, files, self.device)
         metrics.policy_changed(self._qada_policy and self._qada_policy.settings, settings)
         self._qada_policy = policy
@@ -79,8 +78,8 @@ class QadaWorkerMixin:
             self._apply(QadaSettings.model_validate(settings), files)
         except ValidationError as exc:
             return {"error": describe(exc)}
-        except ValueError as exc:  # PolicyError, or a page size the summaries cannot give
-            return {"error": (str(exc).splitlines() or ["invalid policy"])[0]}
+        except ValueError as exc:  # PolicyError
+            return {"error": one_line(exc)}
         return self.qada_settings()
 
     def qada_settings(self) -> dict:

@@ -23,30 +23,17 @@ import time
 from pathlib import Path
 
 import httpx
-import openai
 
 from evaluation.haystack import haystack_text, passkey_prompt
 from serving.models import prepare_model
-from serving.testing import API_KEY, REPO, SERVED_NAME, Server
+from serving.testing import API_KEY, REPO, Server, greedy_at_once
 
 PASSKEY = "68217"
 
 
 async def timed_batch(url: str, prompts: list[str], max_tokens: int) -> tuple[float, list[str]]:
-    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, timeout=3600)
     start = time.perf_counter()
-    replies = await asyncio.gather(
-        *(
-            client.completions.create(
-                model=SERVED_NAME,
-                prompt=p,
-                max_tokens=max_tokens,
-                temperature=0,
-                extra_body={"ignore_eos": True},
-            )
-            for p in prompts
-        )
-    )
+    replies = await greedy_at_once(url, prompts, max_tokens)
     return time.perf_counter() - start, [r.choices[0].text for r in replies]
 
 

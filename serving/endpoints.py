@@ -15,8 +15,7 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from attention_backend.page_summaries import PageSummaries
-from attention_backend.policy_files import ModelShape, PolicyError, read_policy_files
+from attention_backend.policy_files import ModelShape, PolicyError, one_line, read_policy_files
 from attention_backend.settings import ActivePolicy, QadaSettings, describe
 from serving.config import SERVER_KEYS
 from serving.middleware import openai_error
@@ -66,22 +65,20 @@ async def _change_policy(request: Request, merge: bool):
     try:  # the body is read before the lock: a slow client holds up no other change
         body = _policy_keys(await request.json())
     except (ValueError, RecursionError) as exc:  # malformed JSON, PolicyError
-        return _rejected(f"invalid policy: {_first_line(exc)}")
+        return _rejected(f"invalid policy: {one_line(exc)}")
     async with state.qada_policy_lock:  # one change at a time: a PATCH merges onto the last
         try:
             base = await _rpc(request, "qada_settings") if merge else {}
             settings = QadaSettings.model_validate({**base, **body})
-            state.qada_pages.check(settings.page_chunk, state.qada_shape.block_size)
-            files = await asyncio.to_thread(read_policy_files, settings, state.qada_files_dir)
-            ActivePolicy.load(settings, state.qada_shape, files)  # everything the worker checks
+            files = await asyncio.to_thread(_checked_files, settings, state)  # off the event loop
         except ValidationError as exc:
             return _rejected(f"invalid policy: {describe(exc)}")
-        except ValueError as exc:  # PolicyError, a page size not summarised
-            return _rejected(f"invalid policy: {_first_line(exc)}")
+        except ValueError as exc:  # PolicyError
+            return _rejected(f"invalid policy: {one_line(exc)}")
         try:
             applied = await _rpc(request, "qada_configure", settings.model_dump(), files)
         except Exception as exc:  # the engine is gone or failing: no traceback to the client
-            logger.warning("policy change failed in the engine: %s", _first_line(exc))
+            logger.warning("policy change failed in the engine: %s", one_line(exc))
             return _error(503, "the engine could not apply the policy; the previous one stays")
         if "error" in applied:  # only if the worker disagrees with the checks above
             return _rejected(f"policy rejected by the engine: {applied['error']}")
@@ -101,8 +98,12 @@ def _policy_keys(body) -> dict:
     return body
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
+def _checked_files(settings: QadaSettings, state) -> dict:
+    """The contents of the files `settings` name, after everything the worker checks (an
+    `ActivePolicy` built on the host); raises PolicyError."""
+    files = read_policy_files(settings, state.qada_files_dir)
+    ActivePolicy.load(settings, state.qada_shape, files)
+    return files
 
 
 def _rejected(message: str) -> JSONResponse:
@@ -161,8 +162,7 @@ class QadaEndpoints:
         state.qada_engine = engine_client
         if state.qada_enabled:
             launch = QadaSettings.model_validate(extra["qada"])
-            state.qada_shape = ModelShape.from_vllm_config(engine_client.vllm_config)
-            state.qada_pages = PageSummaries(launch.page_chunk)  # only its page-size check is used
+            state.qada_shape = ModelShape.from_vllm_config(engine_client.vllm_config, launch.page_chunk)
             state.qada_files_dir = extra.get("qada_files_dir")
             state.qada_policy_lock = asyncio.Lock()
             state.qada_request_tags = RequestTags()  # response id -> tag (serving.request_stats)

@@ -24,6 +24,32 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+async def greedy_at_once(
+    url: str, prompts: list[str], max_tokens: int, *, ignore_eos: bool = True, headers: dict | None = None
+) -> list:
+    """All prompts at once (the engine batches them), each a temperature-0 completion of up to
+    `max_tokens` (all of them with `ignore_eos`): the replies, in order."""
+    import asyncio
+
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0, timeout=3600)
+    extra = {"ignore_eos": True} if ignore_eos else None
+    return await asyncio.gather(
+        *(
+            client.completions.create(
+                model=SERVED_NAME,
+                prompt=p,
+                max_tokens=max_tokens,
+                temperature=0,
+                extra_body=extra,
+                extra_headers=headers,
+            )
+            for p in prompts
+        )
+    )
+
+
 class Server:
     """`qada serve ARGS` on a free loopback port, with API_KEY, logging to `log`."""
 

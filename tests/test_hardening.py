@@ -11,10 +11,9 @@ import socket
 import time
 
 import httpx
-import openai
 import pytest
 
-from serving.testing import API_KEY, SERVED_NAME
+from serving.testing import SERVED_NAME, greedy_at_once
 from tests.test_qada_engine import AUTH, DEFAULTS, scrape, set_policy, total
 
 POLICY = "/v1/qada/policy"
@@ -174,26 +173,6 @@ def test_client_limits(qada_server):
     assert httpx.get(qada_server.url + "/health", timeout=10).status_code == 200
 
 
-async def all_greedy(server, prompts: list[str], max_tokens: int) -> list[tuple[str, int]]:
-    """All prompts at once, each generating `max_tokens` at temperature 0: (text, decode steps
-    in its usage.qada)."""
-    client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
-    replies = await asyncio.gather(
-        *(
-            client.completions.create(
-                model=SERVED_NAME,
-                prompt=p,
-                max_tokens=max_tokens,
-                temperature=0,
-                extra_body={"ignore_eos": True},
-                extra_headers={"X-QAdA-Stats": "1"},
-            )
-            for p in prompts
-        )
-    )
-    return [(r.choices[0].text, r.model_dump()["usage"]["qada"]["decode_steps"]) for r in replies]
-
-
 @pytest.fixture(scope="module")
 def small_kv_server(model_path, tmp_path_factory):
     """The QAdA server with a KV cache of 24 blocks (3072 tokens): eight requests of ~500 tokens
@@ -225,7 +204,10 @@ def test_preemption_does_not_change_greedy_outputs(qada_server, small_kv_server,
     outputs = []
     for srv in (qada_server, small_kv_server):
         set_policy(srv, **settings)
-        outputs.append(asyncio.run(all_greedy(srv, prompts, 120)))
+        replies = asyncio.run(greedy_at_once(srv.url, prompts, 120, headers={"X-QAdA-Stats": "1"}))
+        outputs.append(
+            [(r.choices[0].text, r.model_dump()["usage"]["qada"]["decode_steps"]) for r in replies]
+        )
     preempted = total(scrape(small_kv_server), "vllm:num_preemptions_total")
     assert preempted > 0  # the small cache really preempted
     same = [a == b for (a, _), (b, _) in zip(*outputs, strict=True)]

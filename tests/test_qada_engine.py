@@ -9,14 +9,13 @@ import asyncio
 import json
 
 import httpx
-import openai
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from evaluation.haystack import haystack_text, passkey_prompt
 from serving.config import load_config
-from serving.testing import API_KEY, REPO, SERVED_NAME
+from serving.testing import API_KEY, REPO, SERVED_NAME, greedy_at_once
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 DEFAULTS = load_config(REPO / "configs" / "smollm2-cpu-qada.yaml").attention.settings().model_dump()
@@ -49,17 +48,8 @@ def greedy(
 
 def greedy_texts(server, prompts: list[str], max_tokens: int) -> list[str]:
     """All prompts at once, so the engine runs mixed prefill/decode batches."""
-
-    async def run():
-        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=600)
-        return await asyncio.gather(
-            *(
-                client.completions.create(model=SERVED_NAME, prompt=p, max_tokens=max_tokens, temperature=0)
-                for p in prompts
-            )
-        )
-
-    return [r.choices[0].text for r in asyncio.run(run())]
+    replies = asyncio.run(greedy_at_once(server.url, prompts, max_tokens, ignore_eos=False))
+    return [r.choices[0].text for r in replies]
 
 
 @pytest.fixture(scope="module")

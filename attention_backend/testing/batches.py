@@ -5,7 +5,7 @@ worker would set."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import torch
@@ -19,7 +19,7 @@ from ..settings import ActivePolicy, QadaSettings
 
 # SmolLM2-135M's dimensions, with the smallest block size the tests use (pages divide it)
 TEST_SHAPE = ModelShape(
-    num_layers=30, num_heads=9, num_kv_heads=3, head_size=64, max_model_len=8192, block_size=32
+    num_layers=30, num_heads=9, num_kv_heads=3, head_size=64, max_model_len=8192, block_size=32, page_chunk=1
 )
 
 
@@ -94,5 +94,6 @@ def step_context(
     if isinstance(settings, dict):
         settings = QadaSettings(**settings)
     files = read_policy_files(settings, files_dir=None)  # static heads inline, as the API sends them
-    policy, pages = ActivePolicy.load(settings, TEST_SHAPE, files), PageSummaries(settings.page_chunk)
+    shape = replace(TEST_SHAPE, page_chunk=settings.page_chunk)  # summaries stored at its page size
+    policy, pages = ActivePolicy.load(settings, shape, files), PageSummaries(settings.page_chunk)
     return StepContext(policy, moments or MomentStore(), stand_in_runner(spec), pages)

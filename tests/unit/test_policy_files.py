@@ -21,7 +21,9 @@ from attention_backend.policy_files import (
 )
 from attention_backend.settings import QadaSettings
 
-SHAPE = ModelShape(num_layers=2, num_heads=3, num_kv_heads=1, head_size=4, max_model_len=1024, block_size=128)
+SHAPE = ModelShape(
+    num_layers=2, num_heads=3, num_kv_heads=1, head_size=4, max_model_len=1024, block_size=128, page_chunk=16
+)
 
 
 @pytest.fixture
