@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .policy import PolicyInputs, random_long_mask
 from .policy_files import ModelShape, calib_tensors, static_heads_mask
+from .ranks import RankShare
 
 POLICIES = ("oracle", "qada", "static", "full", "local", "random")
 STATS_SOURCES = ("pages", "pages_bound", "prompt", "calib", "local")
@@ -175,28 +176,41 @@ def files_dir_from_vllm_config(additional_config: dict | None) -> str | None:
 
 @dataclass(frozen=True)
 class ActivePolicy:
-    """The settings in force, with the files they name loaded: built whole and swapped whole."""
+    """The settings in force, with the files they name loaded for the worker's share of the
+    model (its heads under tensor parallel): built whole and swapped whole."""
 
     settings: QadaSettings
-    static_heads: Tensor | None = None  # bool [layers, Hq]
+    static_heads: Tensor | None = None  # bool [layers, Hq of the share]
     calib: tuple[Tensor, Tensor] | None = None  # mu [layers, Hkv, D], sigma [layers, Hkv, D, D]
     generator: torch.Generator | None = None
+    # random: the draws are the whole model's (every layer's, in order), the share takes its own
+    model_heads: int = 0
+    model_layers: int = 0
+    share: RankShare | None = None
 
     @classmethod
     def load(
-        cls, settings: QadaSettings, shape: ModelShape, files: dict, device: torch.device | str = "cpu"
+        cls,
+        settings: QadaSettings,
+        shape: ModelShape,
+        files: dict,
+        device: torch.device | str = "cpu",
+        share: RankShare | None = None,
     ) -> ActivePolicy:
         """Check `settings` against the model and build them with the contents of their files
-        (`policy_files.read_policy_files`), onto the worker's `device`, once; raises PolicyError."""
+        (`policy_files.read_policy_files`), for `share` (default: the whole model) onto the
+        worker's `device`, once; raises PolicyError."""
         shape.check(settings)
+        heads, kv_heads = (share.head_slice(), share.kv_head_slice()) if share else (slice(None),) * 2
         static_heads = calib = generator = None
         if settings.needs_head_mask:
-            static_heads = static_heads_mask(files.get("static_heads"), shape).to(device)
+            static_heads = static_heads_mask(files.get("static_heads"), shape)[:, heads].to(device)
         if settings.needs_calib:
-            calib = tuple(t.to(device) for t in calib_tensors(files.get("calib") or b"", shape))
+            mu, sigma = calib_tensors(files.get("calib") or b"", shape)
+            calib = (mu[:, kv_heads].to(device), sigma[:, kv_heads].to(device))
         if settings.needs_generator:  # drawn on the host: the same draws on every platform
             generator = torch.Generator().manual_seed(settings.seed)
-        return cls(settings, static_heads, calib, generator)
+        return cls(settings, static_heads, calib, generator, shape.num_heads, shape.num_layers, share)
 
     def layer_inputs(self, layer: int, batch: int, num_heads: int, device: torch.device) -> PolicyInputs:
         """This layer's policy inputs for a step of `batch` rows (the moments are the worker's
@@ -207,6 +221,20 @@ class ActivePolicy:
         if self.static_heads is not None:
             return PolicyInputs(long_mask=self.static_heads[layer])
         if self.generator is not None:
-            mask = random_long_mask(self.settings.random_fraction, batch, num_heads, self.generator)
-            return PolicyInputs(long_mask=mask.to(device, non_blocking=True))
+            draws = self._random_draws(layer, batch, num_heads)
+            return PolicyInputs(long_mask=draws.to(device, non_blocking=True))
         return PolicyInputs()
+
+    def _random_draws(self, layer: int, batch: int, num_heads: int) -> Tensor:
+        """This layer's draw of a step as a whole-model server draws it (every layer's heads in
+        layer order), for the share: a pipeline stage also draws the other stages' layers."""
+        if self.share is None:
+            return random_long_mask(self.settings.random_fraction, batch, num_heads, self.generator)
+        first, stop = self.share.layers
+        skipped = first if layer == first else 0
+        skipped_after = self.model_layers - stop if layer == stop - 1 else 0
+        draws = [
+            random_long_mask(self.settings.random_fraction, batch, self.model_heads, self.generator)
+            for _ in range(skipped + 1 + skipped_after)
+        ]
+        return draws[skipped][:, self.share.head_slice()]

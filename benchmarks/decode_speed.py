@@ -8,6 +8,7 @@ throughput = batch * N / (t(N+1) - t(1)), so prefill and HTTP overhead cancel ou
     python -m benchmarks.decode_speed --dtype bfloat16 --contexts 7000 --batches 8
     python -m benchmarks.decode_speed --taus 0.8 0.9 0.95   # one QAdA server, policy set per run
     python -m benchmarks.decode_speed --contexts 2000 --min-bulk 0   # decide even for short bulks
+    python -m benchmarks.decode_speed --vllm-args "--tensor-parallel-size 3"   # both servers TP 3
 
 Writes results/decode_speed-<dtype>.json and prints a Markdown table.
 """
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import json
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -91,6 +93,7 @@ def main() -> None:
         help="QAdA thresholds, measured one after another on the same server",
     )
     parser.add_argument("--min-bulk", type=int, default=None, help="default: the config's")
+    parser.add_argument("--vllm-args", default="", help="arguments for vLLM, given to both servers")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -116,6 +119,7 @@ def main() -> None:
         + 1,
     )
     common = ["--set", f"engine.dtype={args.dtype}", "--set", f"engine.kv_cache_space_gib={kv_gib}"]
+    vllm_args = ["--", *shlex.split(args.vllm_args)] if args.vllm_args else []
     qada = ["--config", "configs/smollm2-cpu-qada.yaml", "--policy", args.policy]
     if args.min_bulk is not None:
         qada += ["--set", f"attention.min_bulk={args.min_bulk}"]
@@ -130,7 +134,7 @@ def main() -> None:
     log_dir = REPO / "results"
     log_dir.mkdir(exist_ok=True)
     for name, server_args in (("stock", ["--config", "configs/smollm2-cpu.yaml"]), ("qada", qada)):
-        server = Server(server_args + common, log_dir / f"decode_speed-{name}.log")
+        server = Server(server_args + common + vllm_args, log_dir / f"decode_speed-{name}.log")
         try:
             server.wait_ready()
             if name == "stock":

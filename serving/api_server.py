@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -63,6 +64,24 @@ class HeadTimeoutH11(H11Protocol):
             self.transport.close()
 
 
+MULTI_API_SERVERS = (
+    "--api-server-count {count}: qada serves with one API server process. A request's decisions are "
+    "found through the response ids that the API server which served it recorded, and policy changes "
+    "are serialised in one API server: with several, lookups would fail and changes race. Scale out "
+    "with --tensor-parallel-size, or run one server per engine behind a load balancer"
+)
+
+
+def refusal(args) -> str | None:
+    """Why these vLLM arguments cannot be served with our routes, or None."""
+    from attention_backend.ranks import pipeline_parallel_refusal
+
+    count = getattr(args, "api_server_count", None) or 1
+    if count > 1:
+        return MULTI_API_SERVERS.format(count=count)
+    return pipeline_parallel_refusal(getattr(args, "pipeline_parallel_size", 1) or 1)
+
+
 def main() -> None:
     import uvloop
     from vllm.entrypoints.launchers.api_server import entry
@@ -77,6 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging_from_args(args)
     validate_parsed_serve_args(args)
+    if why := refusal(args):  # before the engine starts, not a crash at the first request
+        sys.exit(f"qada: {why}")
     uvloop.run(entry.run_server(args, http=HeadTimeoutH11))
 
 

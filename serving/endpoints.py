@@ -1,7 +1,9 @@
 """vLLM endpoint plugin (`vllm.endpoint_plugins`): our routes on vLLM's OpenAI server.
 
-The decisions are made in the worker process; these routes reach it with
-`engine_client.collective_rpc` into methods of `attention_backend.worker.QadaCPUWorker`.
+The decisions are made in the worker processes; these routes reach every one of them with
+`engine_client.collective_rpc` into methods of `attention_backend.worker.QadaCPUWorker`, and
+merge the answers of tensor- and pipeline-parallel ranks into the whole model's
+(`attention_backend.ranks`).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import secrets
 from argparse import Namespace
 
 from fastapi import APIRouter, FastAPI, Request
@@ -16,7 +19,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from attention_backend.policy_files import ModelShape, PolicyError, one_line, read_policy_files
+from attention_backend.ranks import merge_counters, merge_same, merge_traces
 from attention_backend.settings import ActivePolicy, QadaSettings, describe
+from serving.api_server import refusal
 from serving.config import SERVER_KEYS
 from serving.middleware import openai_error
 from serving.request_stats import RequestTags
@@ -29,9 +34,13 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse(openai_error(status, message), status_code=status)
 
 
-async def _rpc(request: Request, method: str, *args):
-    """The first worker's answer (one worker per engine on CPU)."""
-    return (await request.app.state.qada_engine.collective_rpc(method, args=args))[0]
+async def _answers(request: Request, method: str, *args) -> list:
+    """Every worker's answer: one per rank of the engine."""
+    return await request.app.state.qada_engine.collective_rpc(method, args=args)
+
+
+async def _settings(request: Request) -> dict:
+    return merge_same(await _answers(request, "qada_settings"))
 
 
 @router.get("/v1/qada/policy")
@@ -39,7 +48,7 @@ async def get_policy(request: Request):
     """The attention policy in force (`{"enabled": false}` on a stock-attention server)."""
     if not request.app.state.qada_enabled:
         return {"enabled": False}
-    return {"enabled": True, **await _rpc(request, "qada_settings")}
+    return {"enabled": True, **await _settings(request)}
 
 
 @router.put("/v1/qada/policy")
@@ -58,7 +67,9 @@ async def patch_policy(request: Request):
 
 async def _change_policy(request: Request, merge: bool):
     """Validate a policy change completely here (keys, bounds from the model, the files it
-    names, read from files_dir), then apply it on the worker, whole or not at all."""
+    names, read from files_dir), then apply it on every rank, whole or not at all: each rank
+    prepares it, and only if none refuses do all of them commit it, between the same two engine
+    steps (`QadaWorkerMixin.qada_prepare`)."""
     state = request.app.state
     if not state.qada_enabled:
         return _error(409, "QAdA attention is not enabled on this server (attention.enabled: false)")
@@ -68,20 +79,27 @@ async def _change_policy(request: Request, merge: bool):
         return _rejected(f"invalid policy: {one_line(exc)}")
     async with state.qada_policy_lock:  # one change at a time: a PATCH merges onto the last
         try:
-            base = await _rpc(request, "qada_settings") if merge else {}
+            base = await _settings(request) if merge else {}
             settings = QadaSettings.model_validate({**base, **body})
             files = await asyncio.to_thread(_checked_files, settings, state)  # off the event loop
         except ValidationError as exc:
             return _rejected(f"invalid policy: {describe(exc)}")
         except ValueError as exc:  # PolicyError
             return _rejected(f"invalid policy: {one_line(exc)}")
+        token = secrets.token_hex(8)
         try:
-            applied = await _rpc(request, "qada_configure", settings.model_dump(), files)
+            prepared = await _answers(request, "qada_prepare", settings.model_dump(), files, token)
         except Exception as exc:  # the engine is gone or failing: no traceback to the client
             logger.warning("policy change failed in the engine: %s", one_line(exc))
             return _error(503, "the engine could not apply the policy; the previous one stays")
-        if "error" in applied:  # only if the worker disagrees with the checks above
-            return _rejected(f"policy rejected by the engine: {applied['error']}")
+        refusals = [answer["error"] for answer in prepared if "error" in answer]
+        if refusals:  # only if a worker disagrees with the checks above
+            return _rejected(f"policy rejected by the engine: {refusals[0]}")
+        try:
+            applied = merge_same(await _answers(request, "qada_commit", token))
+        except Exception as exc:
+            logger.warning("policy commit failed in the engine: %s", one_line(exc))
+            return _error(503, "the engine could not put the policy in force: GET /v1/qada/policy")
     logger.info("policy changed: %s", json.dumps(applied))
     return {"enabled": True, **applied}
 
@@ -116,7 +134,7 @@ async def get_stats(request: Request):
     """Decode-time decisions so far, per layer, at query-head and KV-group level."""
     if not request.app.state.qada_enabled:
         return {"enabled": False}
-    counters = await _rpc(request, "qada_counters")
+    counters = merge_counters(await _answers(request, "qada_counters"))
     total = {
         key: sum(layer[key] for layer in counters["layers"].values())
         for key in ("rows", "long_heads", "long_groups", "kv_bytes_read", "kv_bytes_skipped")
@@ -124,7 +142,7 @@ async def get_stats(request: Request):
     heads, groups = total["rows"] * counters["num_heads"], total["rows"] * counters["num_kv_heads"]
     return {
         "enabled": True,
-        "policy": await _rpc(request, "qada_settings"),
+        "policy": await _settings(request),
         "head_decisions": {"long": total["long_heads"], "local": heads - total["long_heads"]},
         "kv_group_decisions": {"long": total["long_groups"], "local": groups - total["long_groups"]},
         "kv_bytes": {"read": total["kv_bytes_read"], "skipped": total["kv_bytes_skipped"]},
@@ -139,7 +157,7 @@ async def get_request_decisions(request_id: str, request: Request):
     if not request.app.state.qada_enabled:
         return _error(409, "QAdA attention is not enabled on this server")
     tag = request.app.state.qada_request_tags.get(request_id)
-    trace = None if tag is None else await _rpc(request, "qada_request_trace", tag)
+    trace = None if tag is None else merge_traces(await _answers(request, "qada_request_trace", tag))
     if trace is None:
         return _error(
             404, f"no decisions recorded for request {request_id!r} (only recent requests are kept)"
@@ -160,6 +178,8 @@ class QadaEndpoints:
             extra = json.loads(extra)
         state.qada_enabled = "qada" in extra and engine_client is not None
         state.qada_engine = engine_client
+        if state.qada_enabled and (why := refusal(args)):  # vLLM's own entry points: refuse here
+            raise RuntimeError(why)
         if state.qada_enabled:
             launch = QadaSettings.model_validate(extra["qada"])
             state.qada_shape = ModelShape.from_vllm_config(engine_client.vllm_config, launch.page_chunk)

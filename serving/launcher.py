@@ -149,6 +149,48 @@ def check_kv_cache(cfg: ServeConfig, model_path: Path, env: dict[str, str]) -> N
         )
 
 
+def engine_ranks(vllm_args: list[str]) -> int:
+    """Workers of one engine: tensor x pipeline parallel size, as vLLM reads its arguments."""
+    sizes = {"tp": 1, "pp": 1}
+    names = {"--tensor-parallel-size": "tp", "-tp": "tp", "--pipeline-parallel-size": "pp", "-pp": "pp"}
+    for i, arg in enumerate(vllm_args):
+        name, eq, value = arg.partition("=")
+        if name in names:
+            value = value if eq else (vllm_args[i + 1] if i + 1 < len(vllm_args) else "")
+            if value.isdigit():
+                sizes[names[name]] = int(value)
+    return sizes["tp"] * sizes["pp"]
+
+
+def thread_binding(ranks: int, cpus: list[int]) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: equal contiguous shares of `cpus`, or,
+    with fewer CPUs than ranks, one CPU each in turn (ranks then share CPUs)."""
+    if len(cpus) >= ranks:
+        per = len(cpus) // ranks
+        return "|".join(",".join(map(str, cpus[r * per : (r + 1) * per])) for r in range(ranks))
+    return "|".join(str(cpus[r % len(cpus)]) for r in range(ranks))
+
+
+def bind_threads(vllm_args: list[str], env: dict[str, str]) -> None:
+    """vLLM's CPU default ("auto") binds one NUMA node per worker and refuses to start a tensor-
+    or pipeline-parallel engine with fewer nodes than workers: bind them to shares of the CPUs
+    this process may use instead, unless the user chose a binding."""
+    import vllm.utils.cpu_resource_utils as cpu_info
+
+    ranks = engine_ranks(vllm_args)
+    if ranks == 1 or env.get("VLLM_CPU_OMP_THREADS_BIND", "auto") != "auto":
+        return
+    if len(cpu_info.get_visible_memory_node()) >= ranks:
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    env["VLLM_CPU_OMP_THREADS_BIND"] = binding = thread_binding(ranks, cpus)
+    print(
+        f"qada: VLLM_CPU_OMP_THREADS_BIND={binding} ({ranks} workers on {len(cpus)} CPUs; "
+        "set the variable to bind them yourself)",
+        file=sys.stderr,
+    )
+
+
 def serve(cfg: ServeConfig, cache_dir: Path | None = None) -> None:
     """Replace this process with vLLM's OpenAI-compatible server."""
     model_path = resolve_model(cfg.model, cache_dir)
@@ -159,4 +201,5 @@ def serve(cfg: ServeConfig, cache_dir: Path | None = None) -> None:
     env = vllm_environment(cfg)
     if on_cpu:
         check_kv_cache(cfg, model_path, env)
+        bind_threads(cfg.engine.extra_args, env)
     os.execvpe(cmd[0], cmd, env)

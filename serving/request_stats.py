@@ -22,6 +22,7 @@ from collections import OrderedDict
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from attention_backend.ranks import merge_request_stats
 from attention_backend.request_log import REQUEST_TAG, new_tag
 from serving.middleware import send_body
 
@@ -72,7 +73,8 @@ class QadaRequestStats:
 
         async def add_stats(payload: dict) -> None:
             if isinstance(payload.get("usage"), dict):
-                payload["usage"]["qada"] = (await engine.collective_rpc("qada_request_stats", args=(tag,)))[0]
+                answers = await engine.collective_rpc("qada_request_stats", args=(tag,))
+                payload["usage"]["qada"] = merge_request_stats(answers)  # every rank's decisions
 
         async def wrapped(message: Message) -> None:
             nonlocal start, streaming, ok, recorded, pending

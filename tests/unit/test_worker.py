@@ -25,6 +25,7 @@ class StandInWorker:
         self.vllm_config = SimpleNamespace(
             additional_config=additional_config,
             cache_config=SimpleNamespace(block_size=128),
+            parallel_config=SimpleNamespace(pipeline_parallel_size=1),
             model_config=model,
         )
         self.model_runner = stand_in_runner(BatchSpec(seq_lens=[500, 300], query_lens=[1, 1]))
@@ -81,12 +82,17 @@ def test_policy_changes_are_validated_and_swapped_whole():
         ({"page_chunk": 16}, {}, "page_chunk"),  # finer than the launch page size (32): never summarised
         ({"page_chunk": 96}, {}, "page_chunk"),  # does not divide the 128-token block
     ):
-        reply = worker.qada_configure(bad, files)
+        reply = worker.qada_prepare(bad, files, "token")
         assert needle in reply["error"] and "\n" not in reply["error"]
+        assert "error" in worker.qada_commit("token")  # nothing was prepared
         assert worker.qada_settings() == before  # a rejected change changes nothing
-    applied = worker.qada_configure(
-        {"policy": "static", "static_heads": "heads.json"}, {"static_heads": [[1, 2]]}
+    prepared = worker.qada_prepare(
+        {"policy": "static", "static_heads": "heads.json"}, {"static_heads": [[1, 2]]}, "t1"
     )
+    assert "error" not in prepared and worker.qada_settings() == before  # not in force before the commit
+    assert "error" in worker.qada_commit("t0")  # another change's token commits nothing
+    worker.qada_prepare({"policy": "static", "static_heads": "heads.json"}, {"static_heads": [[1, 2]]}, "t1")
+    applied = worker.qada_commit("t1")
     assert applied["policy"] == "static" and applied["tau"] == QadaSettings().tau  # the rest: defaults (PUT)
     worker.execute_model(scheduled())
     policy = worker.seen_context.policy
@@ -114,3 +120,53 @@ def test_finished_requests_free_their_moments():
     store.plan(["req-0", "req-1"], torch.zeros(2, 8, dtype=torch.int32), [500, 300], (16, 128), 128)
     worker.execute_model(scheduled(finished=["req-0"]))
     assert "req-0" not in store and "req-1" in store
+
+
+class Engine:
+    """vLLM's `collective_rpc` over these workers (the ranks of one engine), in rank order."""
+
+    def __init__(self, workers) -> None:
+        self.workers = workers
+
+    async def collective_rpc(self, method, args=()):
+        return [getattr(worker, method)(*args) for worker in self.workers]
+
+
+def test_a_policy_change_is_in_force_on_every_rank_or_on_none():
+    import asyncio
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from attention_backend.policy_files import PolicyError
+    from attention_backend.ranks import RankShare
+    from serving.endpoints import router
+
+    workers = [Worker({"qada": {"tau": 0.7}}) for _ in range(3)]
+    for rank, worker in enumerate(workers):
+        worker.init_device()
+        worker._qada_share = RankShare.of(worker._qada_shape, rank, 3)  # tensor parallel 3
+    app = FastAPI()
+    app.include_router(router)
+    app.state.qada_enabled, app.state.qada_engine = True, Engine(workers)
+    app.state.qada_shape, app.state.qada_files_dir = workers[0]._qada_shape, None
+    app.state.qada_policy_lock = asyncio.Lock()
+    http = TestClient(app)
+
+    def taus():
+        return [worker.qada_settings()["tau"] for worker in workers]
+
+    assert http.patch("/v1/qada/policy", json={"tau": 0.5}).json()["tau"] == 0.5
+    assert taus() == [0.5] * 3
+
+    def out_of_memory(*args):
+        raise PolicyError("not enough device memory on this rank")
+
+    workers[1]._load = out_of_memory  # one rank cannot build the new policy
+    reply = http.patch("/v1/qada/policy", json={"tau": 0.6})
+    assert (
+        reply.status_code == 400
+        and "not enough device memory on this rank" in reply.json()["error"]["message"]
+    )
+    assert taus() == [0.5] * 3  # the ranks that could build it did not put it in force
+    assert http.get("/v1/qada/policy").json()["tau"] == 0.5
