@@ -1,4 +1,5 @@
-"""Prometheus metrics of the decode-time decisions, written by the worker process that makes them.
+"""Prometheus metrics of the decode-time decisions, written by the worker processes that make them
+(under tensor or pipeline parallel, each for its share of the model: the counters add up).
 
 With PROMETHEUS_MULTIPROC_DIR set before launch (`qada serve` does), prometheus_client writes
 these to files that vLLM's API server aggregates into its `/metrics`. Names carry the frozen
@@ -18,7 +19,8 @@ HEAD_DECISIONS = Counter(
 )
 LONG_CONTEXT_FRACTION = Histogram(
     "qada_long_context_fraction",
-    "Per decode step: share of KV groups (all layers and rows) that read the long context",
+    "Per decode step and worker: share of the worker's KV groups (its layers, all rows) that "
+    "read the long context (one worker, unless tensor or pipeline parallel)",
     buckets=[i / 20 for i in range(21)],
 )
 KV_BYTES_READ = Counter(

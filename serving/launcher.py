@@ -106,6 +106,11 @@ def vllm_environment(cfg: ServeConfig, base: dict[str, str] | None = None) -> di
                 file=sys.stderr,
             )
         env["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.engine.kv_cache_space_gib)
+    # vLLM's Ray executor copies only VLLM_* and a few other variables to its workers
+    # (`vllm.ray.ray_env`): the workers' own, too (not the keys: only the API server needs them)
+    copied = [name for name in env.get("VLLM_RAY_EXTRA_ENV_VARS_TO_COPY", "").split(",") if name]
+    worker_vars = ("QADA_ENABLE", "QADA_TAG_SECRET", "PROMETHEUS_MULTIPROC_DIR")
+    env["VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"] = ",".join(dict.fromkeys([*copied, *worker_vars]))
     if cfg.attention.enabled:
         env["QADA_ENABLE"] = "1"
         # Our worker reads the batch's request order from the V1 model runner's persistent input

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from serving.config import ConfigError, load_config
-from serving.launcher import vllm_command, vllm_environment
+from serving.launcher import bind_threads, engine_ranks, thread_binding, vllm_command, vllm_environment
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -77,11 +77,31 @@ def test_vllm_command_and_environment(tmp_path):
     assert env["VLLM_USE_V2_MODEL_RUNNER"] == "0"  # the worker reads the V1 runner's batch
     assert Path(env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "4"
+    ray_copies = env["VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"].split(",")  # Ray workers get what they read
+    assert {"QADA_ENABLE", "QADA_TAG_SECRET", "PROMETHEUS_MULTIPROC_DIR"} <= set(ray_copies)
+    assert "QADA_API_KEY" not in ray_copies
     assert cmd[cmd.index("--worker-cls") + 1] == "attention_backend.worker.QadaCPUWorker"
     assert "--attention-backend" not in cmd
     gpu = vllm_command(cfg, tmp_path, on_cpu=False)
     assert gpu[gpu.index("--attention-backend") + 1] == "CUSTOM"
     assert gpu[gpu.index("--worker-cls") + 1] == "attention_backend.gpu_worker.QadaGPUWorker"
+
+
+def test_parallel_cpu_workers_get_threads_of_their_own_or_in_turn():
+    assert engine_ranks(["--tensor-parallel-size", "3"]) == 3
+    assert engine_ranks(["-tp=2", "--pipeline-parallel-size", "2", "--seed", "4"]) == 4
+    assert engine_ranks(["--max-num-seqs", "3"]) == 1
+    assert thread_binding(3, [0, 1]) == "0|1|0"  # fewer CPUs than workers: they share, in turn
+    assert thread_binding(2, [0, 1, 2, 3, 4]) == "0,1|2,3"
+    env = {}
+    bind_threads(["--tensor-parallel-size", "3"], env)  # this machine: one NUMA node
+    assert env["VLLM_CPU_OMP_THREADS_BIND"].count("|") == 2
+    chosen = {"VLLM_CPU_OMP_THREADS_BIND": "0-1|0-1|0-1"}
+    bind_threads(["--tensor-parallel-size", "3"], chosen)
+    assert chosen == {"VLLM_CPU_OMP_THREADS_BIND": "0-1|0-1|0-1"}  # the user's binding stays
+    single = {}
+    bind_threads([], single)
+    assert single == {}
 
 
 def test_stock_config_does_not_enable_qada():
