@@ -96,7 +96,11 @@ async def _change_policy(request: Request, merge: bool):
         if refusals:  # only if a worker disagrees with the checks above
             return _rejected(f"policy rejected by the engine: {refusals[0]}")
         try:
-            applied = merge_same(await _answers(request, "qada_commit", token))
+            commits = await _answers(request, "qada_commit", token)
+            failed = [answer["error"] for answer in commits if "error" in answer]
+            if failed:  # only if another change came in between (several API servers)
+                raise RuntimeError(failed[0])
+            applied = merge_same(commits)
         except Exception as exc:
             logger.warning("policy commit failed in the engine: %s", one_line(exc))
             return _error(503, "the engine could not put the policy in force: GET /v1/qada/policy")
