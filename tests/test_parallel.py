@@ -30,9 +30,9 @@ ALL_HEADS = [[layer, head] for layer in range(30) for head in range(9)]
 def tp_server(model_path, tmp_path_factory, qada_files_dir):
     log = tmp_path_factory.mktemp("tp_server") / "server.log"
     config = ["--config", str(REPO / "configs" / "smollm2-cpu-qada.yaml")]
-    srv = Server(
-        [*config, "--set", f"attention.files_dir={qada_files_dir}", "--", "--tensor-parallel-size", "3"], log
-    )
+    # the KV cache space is per worker: 1 GiB each (not the config's 4) beside the session's servers
+    settings = ["--set", f"attention.files_dir={qada_files_dir}", "--set", "engine.kv_cache_space_gib=1"]
+    srv = Server([*config, *settings, "--", "--tensor-parallel-size", "3"], log)
     try:
         srv.wait_ready()
         yield srv
