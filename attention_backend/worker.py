@@ -95,9 +95,9 @@ class QadaWorkerMixin:
             policy = self._load(QadaSettings.model_validate(settings), files)
         except ValidationError as exc:
             return self._answer({"error": describe(exc)})
-        except ValueError as exc:  # PolicyError
-            return self._answer({"error": one_line(exc)})
-        self._qada_pending = (token, policy)
+        except Exception as exc:  # PolicyError, or the device (out of memory): an answer, never a
+            return self._answer({"error": one_line(exc)})  # raise, which would leave the other
+        self._qada_pending = (token, policy)  # ranks' answers unread in vLLM's response queues
         return self._answer({})
 
     def qada_commit(self, token: str) -> dict:

@@ -13,6 +13,7 @@ would turn every request into a 503.)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sys
 
@@ -72,6 +73,13 @@ MULTI_API_SERVERS = (
 )
 
 
+DATA_PARALLEL = (
+    "--data-parallel-size {engines}: vLLM returns the first engine's answers to a collective RPC "
+    "only, so our routes would miss the other engines' decisions and not see a policy refused "
+    "there; run one server per engine behind a load balancer"
+)
+
+
 def refusal(args) -> str | None:
     """Why these vLLM arguments cannot be served with our routes, or None."""
     from attention_backend.ranks import pipeline_parallel_refusal
@@ -79,6 +87,10 @@ def refusal(args) -> str | None:
     count = getattr(args, "api_server_count", None) or 1
     if count > 1:
         return MULTI_API_SERVERS.format(count=count)
+    extra = getattr(args, "additional_config", None) or {}
+    engines = getattr(args, "data_parallel_size", None) or 1
+    if engines > 1 and "qada" in (json.loads(extra) if isinstance(extra, str) else extra):
+        return DATA_PARALLEL.format(engines=engines)
     return pipeline_parallel_refusal(getattr(args, "pipeline_parallel_size", 1) or 1)
 
 

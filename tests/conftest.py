@@ -33,8 +33,10 @@ def _running(config: str, log_dir: Path, *args: str):
 
 @pytest.fixture(scope="session")
 def server(model_path, tmp_path_factory):
-    """Stock-attention server on the default config (real engine, real model, loopback)."""
-    yield from _running("smollm2-cpu.yaml", tmp_path_factory.mktemp("server"))
+    """Stock-attention server on the default config (real engine, real model, loopback), with
+    1 GiB of KV cache (23k tokens: its tests are short) to leave memory for the other servers."""
+    kv_cache = "engine.kv_cache_space_gib=1"
+    yield from _running("smollm2-cpu.yaml", tmp_path_factory.mktemp("server"), "--set", kv_cache)
 
 
 @pytest.fixture(scope="session")

