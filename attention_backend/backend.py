@@ -29,7 +29,7 @@ from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 from .context import NO_WORKER, LayerDecisions, StepContext, get_step_context
 from .kv_layout import KVLayout
 from .moments import MomentStep
-from .page_estimate import PagePlan, pages_bulk_lse, plan_pages
+from .page_estimate import PagePlan, bulk_lse_and_pages, plan_pages
 from .page_summaries import PageSummaries
 from .policy import DecodeBatch, DecodeResult, PolicyInputs, bulk_sizes, reads_everything
 from .reference import exact_lse
@@ -323,26 +323,36 @@ class QadaImplMixin:
                 inputs = inputs._replace(moments=moments)
             if rows.pages is not None:
                 stats = ctx.pages.layer(layer, self.layout, batch.key_cache)
-                inputs = inputs._replace(bulk_lse=pages_bulk_lse(self.layout, batch, stats, rows.pages))
+                bulk_lse, pages = bulk_lse_and_pages(self.layout, batch, stats, rows.pages)
+                inputs = inputs._replace(bulk_lse=bulk_lse, pages=pages if settings.selects_pages else None)
             result = self._attend(batch, rows, settings, inputs)
             output[rows.token_index] = result.output.view(shape)
-            decisions = result.long_heads, result.long_groups
+            decisions = result.long_heads, result.long_groups, result.kept_blocks
             if rows.reads_all is not None:  # as if alone in the step: read in full
                 decisions = self._read_short_rows(batch, rows, output, decisions)
         observation = None
         if settings.observe:  # evaluation only: the exact scores of every key
             exact = exact_lse(self.layout, batch, rows.seq_lens_cpu.tolist(), settings)
             observation = exact.observe(settings.logit_tau)
-        token_bytes = 2 * self.head_size * kv_cache.element_size()
+        heads, groups, *kept = decisions
         ctx.decisions.append(
             LayerDecisions(
-                layer, rows.req_ids, rows.seq_lens_cpu, *decisions, token_bytes, observation, rows.replayed
+                layer,
+                rows.req_ids,
+                rows.seq_lens_cpu,
+                heads,
+                groups,
+                token_bytes=2 * self.head_size * kv_cache.element_size(),
+                observation=observation,
+                replayed=rows.replayed,
+                kept_blocks=kept[0] if kept else None,
+                block_size=self.layout.block_size(batch.key_cache) if kept and kept[0] is not None else 0,
             )
         )
 
     def _read_short_rows(
-        self, batch: DecodeBatch, rows: DecodeRows, output: Tensor, decisions: tuple[Tensor, Tensor]
-    ) -> tuple[Tensor, Tensor]:
+        self, batch: DecodeBatch, rows: DecodeRows, output: Tensor, decisions: tuple
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The rows of a decided step whose bulk is below min_bulk, read in full (their outputs
         overwrite the decided ones) and counted long wherever they have a bulk."""
         idx, tokens = rows.reads_all_index
@@ -350,12 +360,17 @@ class QadaImplMixin:
             query=batch.query[idx], block_table=batch.block_table[idx], seq_lens=batch.seq_lens[idx]
         )
         output[tokens] = self._read_everything(sub).view(len(idx), *output.shape[1:]).to(output.dtype)
-        heads, groups = (d.clone() for d in decisions)
+        heads, groups = (d.clone() for d in decisions[:2])
         full_heads, full_groups = reads_everything(
             rows.n_bulk[rows.reads_all], self.num_heads, self.num_kv_heads
         )
         heads[idx], groups[idx] = full_heads.to(heads.device), full_groups.to(groups.device)
-        return heads, groups
+        kept = decisions[2]
+        if kept is not None:  # every block of theirs
+            block_size = self.layout.block_size(batch.key_cache)
+            kept = kept.clone()
+            kept[idx] = ((batch.seq_lens[idx].long() - 1) // block_size + 1).unsqueeze(1).to(kept.device)
+        return heads, groups, kept
 
     def _layer_index(self, layer) -> int:
         if self._qada_layer_index is None:  # the layer's name is known only at forward

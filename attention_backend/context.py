@@ -39,6 +39,8 @@ class LayerDecisions:
     token_bytes: int  # K + V bytes of one token of one KV head
     observation: Observation | None = None
     replayed: tuple[bool, ...] = ()  # per row: a resumed request's token decoded before
+    kept_blocks: Tensor | None = None  # with page selection: [rows, Hkv] KV blocks long groups read
+    block_size: int = 0  # of the KV cache, with page selection
 
 
 @dataclass
@@ -56,6 +58,26 @@ class StepDecisions:
     oracle_groups: Tensor | None = None  # [rows, layers, Hkv]
     top1: Tensor | None = None  # [rows, layers, Hq] int64
     replayed: tuple[bool, ...] = ()  # per row (empty: none): counted, but not again per request
+    kept_blocks: Tensor | None = None  # with page selection: [rows, layers, Hkv] int64
+    block_size: int = 0  # of the KV cache, with page selection
+
+    def tokens_read(self) -> Tensor:
+        """[rows, layers, Hkv] int64: the tokens each KV group read: its whole context when long
+        (with page selection, its kept blocks: all whole but the last), else its local set."""
+        lengths = self.seq_lens.view(-1, 1, 1)
+        long_tokens = lengths
+        if self.kept_blocks is not None:
+            long_tokens = (self.kept_blocks - 1) * self.block_size + (lengths - 1) % self.block_size + 1
+        return torch.where(self.groups, long_tokens, lengths.clamp(max=self.local_tokens))
+
+    def long_group_blocks(self) -> tuple[Tensor, Tensor] | None:
+        """With page selection: per (row, layer, KV group) [rows, layers, Hkv], the KV blocks long
+        groups read and skipped (0 for local groups); None without it."""
+        if self.kept_blocks is None:
+            return None
+        blocks = (self.seq_lens.view(-1, 1, 1) - 1) // self.block_size + 1
+        read = torch.where(self.groups, self.kept_blocks, 0)
+        return read, torch.where(self.groups, blocks - self.kept_blocks, 0)
 
     @property
     def num_heads(self) -> int:
@@ -112,6 +134,9 @@ class StepContext:
             local_tokens=self.policy.settings.t_sink + self.policy.settings.t_local,
             replayed=first.replayed,
         )
+        if first.kept_blocks is not None:
+            step.kept_blocks = torch.stack([d.kept_blocks for d in self.decisions], dim=1).cpu().long()
+            step.block_size = first.block_size
         if all(d.observation is not None for d in self.decisions):
             oracle = torch.stack([d.observation.oracle_long for d in self.decisions], dim=1).cpu()
             rows, layers, _ = oracle.shape

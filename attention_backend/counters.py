@@ -17,11 +17,20 @@ from .context import StepDecisions
 
 class DecisionCounters:
     """Exact decode-time decision counts per layer: rows decoded, query heads judged long, KV
-    groups read in full (the totals are rows x heads and rows x groups), KV bytes the decisions
-    required and skipped. With `observe`, also per (layer, query head): rows observed, and how
+    groups read beyond their local set (the totals are rows x heads and rows x groups), KV bytes
+    the decisions required and skipped, and with page selection the KV blocks long groups read
+    and skipped. With `observe`, also per (layer, query head): rows observed, and how
     often the oracle, the policy, and both said long."""
 
-    FIELDS = ("rows", "long_heads", "long_groups", "kv_bytes_read", "kv_bytes_skipped")
+    FIELDS = (
+        "rows",
+        "long_heads",
+        "long_groups",
+        "kv_bytes_read",
+        "kv_bytes_skipped",
+        "kv_blocks_read",
+        "kv_blocks_skipped",
+    )
 
     def __init__(self) -> None:
         self.num_heads = 0
@@ -33,16 +42,22 @@ class DecisionCounters:
         """Count one engine step: per layer, and its long-context fraction."""
         self.num_heads, self.num_kv_heads = step.num_heads, step.num_kv_heads
         rows = step.heads.shape[0]
-        lengths = step.seq_lens.view(-1, 1, 1)
-        tokens_read = torch.where(step.groups, lengths, lengths.clamp(max=step.local_tokens)).sum((0, 2))
-        tokens_all = int(lengths.sum()) * self.num_kv_heads
+        tokens_read = step.tokens_read().sum((0, 2))
+        tokens_all = int(step.seq_lens.sum()) * self.num_kv_heads
+        blocks = step.long_group_blocks()
+        no_blocks = [0] * len(step.layers)
+        blocks_read, blocks_skipped = (
+            (no_blocks, no_blocks) if blocks is None else (b.sum((0, 2)).tolist() for b in blocks)
+        )
         per_layer = zip(
             step.layers,
             step.heads.sum((0, 2)).tolist(),
             step.groups.sum((0, 2)).tolist(),
             tokens_read.tolist(),
+            blocks_read,
+            blocks_skipped,
         )
-        for layer, n_heads, n_groups, read in per_layer:
+        for layer, n_heads, n_groups, read, n_read, n_skipped in per_layer:
             read, skipped = read * step.token_bytes, (tokens_all - read) * step.token_bytes
             counts = self.layers[layer]
             counts["rows"] += rows
@@ -50,6 +65,8 @@ class DecisionCounters:
             counts["long_groups"] += n_groups
             counts["kv_bytes_read"] += read
             counts["kv_bytes_skipped"] += skipped
+            counts["kv_blocks_read"] += n_read
+            counts["kv_blocks_skipped"] += n_skipped
             label = str(layer)
             for level, long, total in (
                 ("head", n_heads, rows * self.num_heads),
@@ -59,6 +76,9 @@ class DecisionCounters:
                 metrics.HEAD_DECISIONS.labels("local", level, label).inc(total - long)
             metrics.KV_BYTES_READ.labels(label).inc(read)
             metrics.KV_BYTES_SKIPPED.labels(label).inc(skipped)
+            if blocks is not None:
+                metrics.KV_BLOCKS.labels("read", label).inc(n_read)
+                metrics.KV_BLOCKS.labels("skipped", label).inc(n_skipped)
         metrics.LONG_CONTEXT_FRACTION.observe(int(step.groups.sum()) / step.groups.numel())
         if step.oracle_heads is not None:
             for i, layer in enumerate(step.layers):

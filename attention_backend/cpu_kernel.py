@@ -29,6 +29,7 @@ from vllm import _custom_ops as ops
 from vllm import envs
 
 from .kv_layout import CPU_VEC
+from .page_select import select_blocks, selected_tables
 from .policy import (
     NO_INPUTS,
     DecodeBatch,
@@ -55,6 +56,7 @@ class DecodePlan:
     t_sink: int
     t_local: int
     lengths: list[int]
+    seq_lens: Tensor  # [B] int64
     n_bulk: Tensor  # [B] int64
     local_rows: Tensor  # [B * Hkv * S] flat (block, head) rows of the local slots
     local_slots: int  # S
@@ -113,6 +115,7 @@ def plan_decode(
         t_sink=settings.t_sink,
         t_local=settings.t_local,
         lengths=seq_lens.tolist(),
+        seq_lens=seq_lens,
         n_bulk=n_bulk,
         local_rows=rows.flatten(),
         local_slots=num_slots,
@@ -170,19 +173,27 @@ def paged_decode(
     long_groups = group_rule(long_heads, num_kv_heads)
 
     out = local_out.to(query.dtype).view(rows * num_kv_heads, group, head_dim)
-    pairs = long_groups.flatten().nonzero().squeeze(1)  # (row, KV head) pairs read in full
+    pairs = long_groups.flatten().nonzero().squeeze(1)  # (row, KV head) pairs read beyond local
+    kept_blocks = torch.zeros(rows, num_kv_heads, dtype=torch.long) if settings.selects_pages else None
     if pairs.numel():
+        tables = plan.head_tables.index_select(0, pairs)
+        lengths = plan.head_seq_lens.index_select(0, pairs)
+        if settings.selects_pages:  # only the selected blocks (page_select)
+            lse = local_lse.flatten(1)
+            keep = select_blocks(inputs.pages, lse, inputs.bulk_lse, plan.seq_lens, settings, block_size)
+            kept_blocks = keep.sum(-1) * long_groups  # 0 for local groups
+            tables, lengths = selected_tables(keep.flatten(0, 1)[pairs], tables, lengths, block_size)
         per_head = DecodeBatch(
             query.reshape(rows * num_kv_heads, group, head_dim).index_select(0, pairs),
             heads_view.key_cache,
             heads_view.value_cache,
-            plan.head_tables.index_select(0, pairs),
-            plan.head_seq_lens.index_select(0, pairs),
+            tables,
+            lengths,
             scale,
         )
         long_out = stock_decode(per_head)
         out.index_copy_(0, pairs, long_out)
-    return DecodeResult(out.view(rows, num_heads, head_dim), long_heads, long_groups)
+    return DecodeResult(out.view(rows, num_heads, head_dim), long_heads, long_groups, kept_blocks)
 
 
 class _HeadViews:

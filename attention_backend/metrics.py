@@ -25,14 +25,20 @@ LONG_CONTEXT_FRACTION = Histogram(
 )
 KV_BYTES_READ = Counter(
     "qada_kv_bytes_read",
-    "KV-cache bytes the decisions required reading (long groups: the whole "
-    "context; local groups: sinks + recent tokens)",
+    "KV-cache bytes the decisions required reading (long groups: the whole context, or with "
+    "page selection the blocks selected; local groups: sinks + recent tokens)",
     ["layer"],
 )
 KV_BYTES_SKIPPED = Counter(
     "qada_kv_bytes_skipped",
     "KV-cache bytes that full attention would have read and the decisions skipped",
     ["layer"],
+)
+KV_BLOCKS = Counter(
+    "qada_kv_blocks",
+    "With page selection: KV blocks of the long KV groups' contexts read (sink and window blocks "
+    "and the selected ones) or skipped (decision=read|skipped)",
+    ["decision", "layer"],
 )
 POLICY = Gauge(
     "qada_policy_info",

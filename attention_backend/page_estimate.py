@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
@@ -37,6 +37,7 @@ class PagePlan:
     bound: bool  # pages_bound: Quest's upper bound instead of the Gaussian estimate
     chunk_ids: Tensor  # [B, J, m] int64: the stored chunks of each whole bulk page
     page_valid: Tensor  # [B, J] bool
+    page_blocks: Tensor  # [B, J] int64: the logical KV block each whole page lies in
     exact_blocks: Tensor  # [B, P] int64: physical block of each bulk position outside whole pages
     exact_offsets: Tensor  # [B, P] int64
     exact_valid: Tensor  # [B, P] bool
@@ -72,6 +73,7 @@ def plan_pages(
         pos = pos.to(dev, non_blocking=True)
         return table.gather(1, pos // block_size), pos % block_size
 
+    page_blocks = (page_pos // block_size).to(dev, non_blocking=True)
     blocks, offsets = physical(page_pos)
     chunks_per_block = block_size // store_chunk
     chunk_ids = (blocks * chunks_per_block + offsets // store_chunk).unsqueeze(-1) + torch.arange(
@@ -79,12 +81,28 @@ def plan_pages(
     )
     exact_blocks, exact_offsets = physical(exact_pos)
     bound = settings.stats == "pages_bound"
-    return PagePlan(c, bound, chunk_ids, page_valid.to(dev), exact_blocks, exact_offsets, exact_valid.to(dev))
+    return PagePlan(
+        c, bound, chunk_ids, page_valid.to(dev), page_blocks, exact_blocks, exact_offsets, exact_valid.to(dev)
+    )
+
+
+class PageMasses(NamedTuple):
+    """What page selection (`page_select`) ranks: each whole bulk page's estimated log-mass."""
+
+    logits: Tensor  # [B, Hkv, G, J] (-inf: padding)
+    blocks: Tensor  # [B, J] int64: the logical KV block each page lies in
 
 
 def pages_bulk_lse(layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: PagePlan) -> Tensor:
     """[B, Hq] estimated log-sum-exp of the scores over each row's bulk (-inf without bulk), from
     the layer's page summaries `stats` (`page_summaries.PageSummaries.layer`)."""
+    return bulk_lse_and_pages(layout, batch, stats, plan)[0]
+
+
+def bulk_lse_and_pages(
+    layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: PagePlan
+) -> tuple[Tensor, PageMasses]:
+    """`pages_bulk_lse`, and the whole pages' estimates it sums."""
     q = _grouped(batch.query, stats.shape[2]) * batch.scale  # [B, Hkv, G, D]
     ids = plan.chunk_ids
     if plan.bound:
@@ -102,7 +120,8 @@ def pages_bulk_lse(layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: Pa
     logits = (logits + math.log(plan.page_chunk)).masked_fill(~plan.page_valid[:, None, None, :], -math.inf)
     keys = layout.keys_at(batch.key_cache, plan.exact_blocks, plan.exact_offsets).float()  # [B, P, Hkv, D]
     scores = _dot(q, keys).masked_fill(~plan.exact_valid[:, None, None, :], -math.inf)
-    return torch.logsumexp(torch.cat([logits, scores], dim=-1), dim=-1).flatten(1)
+    bulk_lse = torch.logsumexp(torch.cat([logits, scores], dim=-1), dim=-1).flatten(1)
+    return bulk_lse, PageMasses(logits, plan.page_blocks)
 
 
 def _dot(q: Tensor, per_position: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from .page_estimate import PageMasses
     from .settings import QadaSettings
 
 
@@ -37,6 +38,7 @@ class DecodeResult(NamedTuple):
     output: Tensor  # [B, Hq, D], query dtype
     long_heads: Tensor  # [B, Hq] bool
     long_groups: Tensor  # [B, Hkv] bool
+    kept_blocks: Tensor | None = None  # with page selection: [B, Hkv] KV blocks a long group reads
 
 
 class Moments(NamedTuple):
@@ -65,6 +67,7 @@ class PolicyInputs(NamedTuple):
     calib: tuple[Tensor, Tensor] | None = None
     long_mask: Tensor | None = None
     bulk_lse: Tensor | None = None
+    pages: PageMasses | None = None  # with page selection: what it ranks
 
     def to_cpu(self) -> PolicyInputs:
         return PolicyInputs(
@@ -72,6 +75,7 @@ class PolicyInputs(NamedTuple):
             None if self.calib is None else tuple(t.cpu() for t in self.calib),
             None if self.long_mask is None else self.long_mask.cpu(),
             None if self.bulk_lse is None else self.bulk_lse.cpu(),
+            None if self.pages is None else type(self.pages)(*(t.cpu() for t in self.pages)),
         )
 
 

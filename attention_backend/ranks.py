@@ -114,7 +114,14 @@ def merge_same(answers: list[dict]) -> dict:
     return first
 
 
-LAYER_SUMS = ("long_heads", "long_groups", "kv_bytes_read", "kv_bytes_skipped")
+LAYER_SUMS = (
+    "long_heads",
+    "long_groups",
+    "kv_bytes_read",
+    "kv_bytes_skipped",
+    "kv_blocks_read",
+    "kv_blocks_skipped",
+)
 
 
 def merge_counters(answers: list[dict]) -> dict:

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
 from .policy import PolicyInputs, random_long_mask
-from .policy_files import ModelShape, calib_tensors, static_heads_mask
+from .policy_files import ModelShape, PolicyError, calib_tensors, static_heads_mask
 from .ranks import RankShare
 
 POLICIES = ("oracle", "qada", "static", "full", "local", "random")
@@ -62,6 +62,22 @@ class QadaSettings(BaseModel):
         description="a KV group is read in full when any of its query heads is long, or (mean) when "
         "its heads' bulk shares average above tau",
     )
+    page_budget: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="page selection (qada with page statistics, CPU): a long KV group reads, "
+        "besides its sink and window blocks, only the bulk KV blocks with the highest estimated "
+        "mass, the fewest that leave at most this estimated share of each of its heads' softmax "
+        "mass unread; 0 reads the whole context",
+    )
+    page_top_k: int = Field(
+        0,
+        ge=0,
+        le=MAX_TOKENS,
+        description="page selection with a fixed budget instead (as Quest): a long KV group reads "
+        "its k bulk KV blocks of highest estimated mass; 0: off",
+    )
     random_fraction: float = Field(0.5, ge=0, le=1, description="long share of heads for random")
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the random policy's draws")
     min_bulk: int = Field(
@@ -91,6 +107,17 @@ class QadaSettings(BaseModel):
         description="evaluation only: also run the last N prompt tokens through the decode path "
         "(prefill stays exact before them)",
     )
+
+    @model_validator(mode="after")
+    def _page_selection_needs_page_estimates(self) -> QadaSettings:
+        if self.page_budget and self.page_top_k:
+            raise ValueError("page_budget and page_top_k are two ways to select pages: set one")
+        if (self.page_budget or self.page_top_k) and not self.needs_pages:
+            raise ValueError(
+                "page selection ranks KV blocks by the page estimates: it needs policy qada with "
+                f"stats pages or pages_bound, not {self.policy}/{self.stats}"
+            )
+        return self
 
     def replace(self, **changes) -> QadaSettings:
         """A validated copy with `changes` applied."""
@@ -125,6 +152,11 @@ class QadaSettings(BaseModel):
     def needs_pages(self) -> bool:
         """Page summaries of the keys (qada's `pages` and `pages_bound` statistics)."""
         return self.estimates_bulk and self.stats in ("pages", "pages_bound")
+
+    @property
+    def selects_pages(self) -> bool:
+        """Long KV groups read only their selected bulk blocks (`page_select`)."""
+        return self.needs_pages and bool(self.page_budget or self.page_top_k)
 
     @property
     def needs_calib(self) -> bool:
@@ -201,6 +233,8 @@ class ActivePolicy:
         (`policy_files.read_policy_files`), for `share` (default: the whole model) onto the
         worker's `device`, once; raises PolicyError."""
         shape.check(settings)
+        if settings.selects_pages and torch.device(device).type != "cpu":
+            raise PolicyError("page selection (page_budget, page_top_k) runs on the CPU path only so far")
         heads, kv_heads = (share.head_slice(), share.kv_head_slice()) if share else (slice(None),) * 2
         static_heads = calib = generator = None
         if settings.needs_head_mask:

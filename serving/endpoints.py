@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from attention_backend.policy_files import ModelShape, PolicyError, one_line, read_policy_files
-from attention_backend.ranks import merge_counters, merge_same, merge_traces
+from attention_backend.ranks import LAYER_SUMS, merge_counters, merge_same, merge_traces
 from attention_backend.settings import ActivePolicy, QadaSettings, describe
 from serving.api_server import refusal
 from serving.config import SERVER_KEYS
@@ -139,10 +139,7 @@ async def get_stats(request: Request):
     if not request.app.state.qada_enabled:
         return {"enabled": False}
     counters = merge_counters(await _answers(request, "qada_counters"))
-    total = {
-        key: sum(layer[key] for layer in counters["layers"].values())
-        for key in ("rows", "long_heads", "long_groups", "kv_bytes_read", "kv_bytes_skipped")
-    }
+    total = {key: sum(layer[key] for layer in counters["layers"].values()) for key in ("rows", *LAYER_SUMS)}
     heads, groups = total["rows"] * counters["num_heads"], total["rows"] * counters["num_kv_heads"]
     return {
         "enabled": True,
@@ -150,6 +147,7 @@ async def get_stats(request: Request):
         "head_decisions": {"long": total["long_heads"], "local": heads - total["long_heads"]},
         "kv_group_decisions": {"long": total["long_groups"], "local": groups - total["long_groups"]},
         "kv_bytes": {"read": total["kv_bytes_read"], "skipped": total["kv_bytes_skipped"]},
+        "kv_blocks_of_long_groups": {"read": total["kv_blocks_read"], "skipped": total["kv_blocks_skipped"]},
         **counters,
     }
 

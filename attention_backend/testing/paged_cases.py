@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..kv_layout import CPU_VEC, KVLayout
 from ..moments import fresh_moments
-from ..page_estimate import pages_bulk_lse, plan_pages
+from ..page_estimate import bulk_lse_and_pages, plan_pages
 from ..page_summaries import PageSummaries
 from ..policy import DecodeBatch, PolicyInputs, local_mask, random_long_mask
 
@@ -225,7 +225,8 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 
 def policy_inputs(case: PagedCase, settings) -> PolicyInputs:
     """The policy's inputs for a kernel or reference call on `case` (both take the same): key
-    moments read from the cache (qada/prompt), a random Gaussian (qada/calib), a mask mixing
+    moments read from the cache (qada/prompt), page estimates (and with page selection the
+    pages' own, qada/pages), a random Gaussian (qada/calib), a mask mixing
     long and local groups (static) or a seeded random draw (random)."""
     num_heads, head_dim = case.query.shape[1:]
     gen = torch.Generator().manual_seed(5)
@@ -240,7 +241,8 @@ def policy_inputs(case: PagedCase, settings) -> PolicyInputs:
             case.block_table, case.seq_lens, settings, block_size=case.block_size, store_chunk=store.chunk
         )
         stats = store.layer(0, case.layout, case.key_cache)
-        return PolicyInputs(bulk_lse=pages_bulk_lse(case.layout, case.batch(), stats, plan))
+        bulk_lse, pages = bulk_lse_and_pages(case.layout, case.batch(), stats, plan)
+        return PolicyInputs(bulk_lse=bulk_lse, pages=pages if settings.selects_pages else None)
     if settings.needs_calib:
         mu = torch.randn(case.num_kv_heads, head_dim, generator=gen)
         a = torch.randn(case.num_kv_heads, head_dim, head_dim, generator=gen)

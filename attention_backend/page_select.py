@@ -1,0 +1,95 @@
+"""Page selection inside long KV groups: which KV blocks a long (row, KV head) reads.
+
+The head decision reads a long group's whole context although its bulk mass often sits in a few
+blocks. With `page_budget` (top-p), a long group reads its always-read blocks (those holding
+sinks or window positions, the current token's last) and, of its other blocks (the candidates,
+wholly inside the bulk), the fewest that leave at most `page_budget` of each of its query heads'
+estimated softmax mass unread, taken in order of the largest share any of its heads gives them.
+With `page_top_k` (as Quest), it reads its k candidates of highest such share. Masses are the
+page estimates (`page_estimate.PageMasses`), pooled per block; a head's total is its exact local
+mass plus its estimated bulk mass, so a share is what the head decision thresholds, per block.
+
+Blocks are vLLM's KV blocks (128 tokens on CPU): the unit the stock kernel reads through a
+block table (`cpu_kernel`), so a selection is read at the stock kernel's speed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from .page_estimate import PageMasses
+
+if TYPE_CHECKING:
+    from .settings import QadaSettings
+
+
+def candidate_blocks(seq_lens: Tensor, settings: QadaSettings, block_size: int, num_blocks: int) -> Tensor:
+    """Bool [B, num_blocks]: the logical blocks of each row wholly inside its bulk
+    [t_sink, L - t_local); the row's other blocks up to its last hold sinks or window positions."""
+    t_sink, t_local = settings.window
+    first = -(-t_sink // block_size)
+    window = (seq_lens.long() - t_local).clamp(min=0) // block_size  # first block with window positions
+    k = torch.arange(num_blocks, device=seq_lens.device)
+    return (k >= first) & (k < window.unsqueeze(1))
+
+
+def block_shares(masses: PageMasses, total_lse: Tensor, candidates: Tensor) -> Tensor:
+    """[B, Hkv, G, nb]: each candidate block's estimated share of each head's mass (0 elsewhere);
+    total_lse [B, Hkv, G] is the head's log of local plus estimated bulk mass."""
+    logits, page_blocks = masses
+    batch, _, _, num_pages = logits.shape
+    shares = (logits - total_lse.unsqueeze(-1)).exp()  # padding pages: exp(-inf) = 0
+    index = page_blocks.clamp(max=candidates.shape[1] - 1).view(batch, 1, 1, num_pages)
+    per_block = torch.zeros(*logits.shape[:3], candidates.shape[1], device=logits.device)
+    per_block.scatter_add_(-1, index.expand_as(shares), shares)
+    return per_block * candidates.view(batch, 1, 1, -1)
+
+
+def select_blocks(
+    masses: PageMasses,
+    local_lse: Tensor,
+    bulk_lse: Tensor,
+    seq_lens: Tensor,
+    settings: QadaSettings,
+    block_size: int,
+) -> Tensor:
+    """Bool [B, Hkv, nb]: the logical blocks each (row, KV head) reads when its group is long,
+    always-read blocks included; local_lse and bulk_lse [B, Hq] (exact local, estimated bulk),
+    seq_lens [B] on the estimates' device. nb covers the longest row."""
+    batch, num_kv_heads, group, _ = masses.logits.shape
+    lengths = seq_lens.long()
+    last = (lengths - 1) // block_size
+    num_blocks = int(last.max()) + 1
+    candidates = candidate_blocks(lengths, settings, block_size, num_blocks)  # [B, nb]
+    total = torch.logaddexp(local_lse, bulk_lse).view(batch, num_kv_heads, group)
+    shares = block_shares(masses, total, candidates)  # [B, Hkv, G, nb]
+    rank_by = torch.where(candidates.unsqueeze(1), shares.amax(2), -1.0)  # [B, Hkv, nb]
+    order = rank_by.argsort(dim=-1, descending=True, stable=True)
+    n_candidates = candidates.sum(-1).view(batch, 1)
+    if settings.page_top_k:
+        take = n_candidates.clamp(max=settings.page_top_k).expand(batch, num_kv_heads)
+    else:
+        ranked = shares.gather(-1, order.unsqueeze(2).expand_as(shares))
+        # unread before taking the i-th ranked block: the total, less the blocks ranked above it
+        unread = shares.sum(-1, keepdim=True) - (ranked.cumsum(-1) - ranked)
+        take = (unread > settings.page_budget).any(2).sum(-1).minimum(n_candidates)  # [B, Hkv]
+    selected = order.argsort(-1) < take.unsqueeze(-1)
+    within = torch.arange(num_blocks, device=lengths.device) <= last.unsqueeze(1)
+    return (selected & candidates.unsqueeze(1)) | (within & ~candidates).unsqueeze(1)
+
+
+def selected_tables(keep: Tensor, tables: Tensor, seq_lens: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
+    """Virtual sequences of the kept blocks: keep [N, nb] bool and tables [N, >= nb] (physical
+    blocks in logical order) -> block tables [N, nb] listing the kept blocks first, the one holding
+    the current token (of seq_lens [N]) last of them, and their lengths [N] int32: every kept block
+    but the last is whole (a bulk or sink block, or a window block before the last)."""
+    lengths = seq_lens.long()
+    last = (lengths - 1) // block_size
+    k = torch.arange(keep.shape[1], device=keep.device)
+    sort_key = torch.where(keep, (k == last.unsqueeze(1)).long(), 2)
+    order = sort_key.argsort(dim=-1, stable=True)
+    virtual_lens = (keep.sum(-1) - 1) * block_size + (lengths - 1) % block_size + 1
+    return tables[:, : keep.shape[1]].gather(1, order), virtual_lens.int()

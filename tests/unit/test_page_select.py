@@ -1,0 +1,216 @@
+"""Page selection inside long KV groups (page_select) against a row-by-row reference: the same
+blocks chosen for the same estimates, unselected blocks never read, outputs as a masked SDPA."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from attention_backend.context import StepDecisions
+from attention_backend.counters import DecisionCounters
+from attention_backend.cpu_kernel import paged_decode
+from attention_backend.page_select import select_blocks
+from attention_backend.policy_files import PolicyError
+from attention_backend.request_log import RequestLog
+from attention_backend.settings import ActivePolicy, QadaSettings
+from attention_backend.testing.batches import TEST_SHAPE
+from attention_backend.testing.paged_cases import (
+    PagedCase,
+    local_positions,
+    make_case,
+    policy_inputs,
+    row_scores,
+    sdpa_row,
+    write_tokens,
+)
+
+T_SINK, T_LOCAL, BS = 16, 64, 32
+SELECTIONS = [{"page_budget": 0.05}, {"page_budget": 0.3}, {"page_top_k": 1}, {"page_top_k": 4}]
+SELECTION_IDS = [next(f"{k}={v}" for k, v in s.items()) for s in SELECTIONS]
+
+
+def settings(**selection) -> QadaSettings:
+    return QadaSettings(
+        policy="qada", stats="pages", tau=0.2, t_sink=T_SINK, t_local=T_LOCAL, page_chunk=16, **selection
+    )
+
+
+def sample_case(seed: int) -> PagedCase:
+    # rows without bulk blocks (90), with a few (300) and with many (1300, 700)
+    case = make_case(
+        [700, 90, 1300, 300], num_kv_heads=3, group=3, block_size=BS, dtype=torch.float32, seed=seed
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for b in range(len(case.keys)):  # a few keys aligned with the query: mass the selection must find
+        k = case.keys[b]
+        for pos in torch.randint(T_SINK, max(T_SINK + 1, k.shape[0] - T_LOCAL), (3,), generator=gen).tolist():
+            k[pos] += 2 * case.query[b].view(3, 3, -1).mean(1)
+    return rewrite(case)
+
+
+def rewrite(case: PagedCase) -> PagedCase:
+    for b, (k, v) in enumerate(zip(case.keys, case.values)):
+        write_tokens(case.layout, case.key_cache, case.value_cache, case.block_table[b], 0, k, v)
+    return case
+
+
+def exact_local_lse(case: PagedCase) -> torch.Tensor:
+    """[B, Hq] log-sum-exp of each head's scores over its sinks and window."""
+    return torch.stack(
+        [
+            row_scores(case, b)[:, local_positions(int(n), T_SINK, T_LOCAL)].logsumexp(-1)
+            for b, n in enumerate(case.seq_lens)
+        ]
+    )
+
+
+def reference_selection(case: PagedCase, cfg: QadaSettings, inputs) -> list[list[set[int]]]:
+    """Per row and KV head, the logical blocks read when long: every block holding sink or window
+    positions, and the candidates (wholly in the bulk) chosen one (row, head) at a time."""
+    logits, page_blocks = inputs.pages
+    local_lse = exact_local_lse(case)
+    total = torch.logaddexp(local_lse, inputs.bulk_lse)
+    group = case.query.shape[1] // case.num_kv_heads
+    out = []
+    for b, length in enumerate(case.seq_lens.tolist()):
+        n_blocks = -(-length // BS)
+        candidates = [k for k in range(n_blocks) if k * BS >= T_SINK and (k + 1) * BS <= length - T_LOCAL]
+        always = set(range(n_blocks)) - set(candidates)
+        row = []
+        for h in range(case.num_kv_heads):
+            heads = range(h * group, (h + 1) * group)
+            share = {
+                k: [
+                    sum(
+                        math.exp(float(logits[b, h, g, j]) - float(total[b, h * group + g]))
+                        for j in range(logits.shape[-1])
+                        if int(page_blocks[b, j]) == k and logits[b, h, g, j] > -math.inf
+                    )
+                    for g in range(group)
+                ]
+                for k in candidates
+            }
+            ranked = sorted(candidates, key=lambda k: (-max(share[k]), k))
+            if cfg.page_top_k:
+                take = min(cfg.page_top_k, len(ranked))
+            else:
+                take = 0
+                while take < len(ranked) and any(
+                    sum(share[k][g] for k in ranked[take:]) > cfg.page_budget for g in range(len(heads))
+                ):
+                    take += 1
+            row.append(always | set(ranked[:take]))
+        out.append(row)
+    return out
+
+
+def poison_all_but(case: PagedCase, chosen: list[list[set[int]]]) -> None:
+    """NaN into every block of every (row, KV head) outside its chosen set."""
+    for b, length in enumerate(case.seq_lens.tolist()):
+        for h, blocks in enumerate(chosen[b]):
+            for k in set(range(-(-length // BS))) - blocks:
+                phys = int(case.block_table[b, k])
+                case.key_cache[phys, h] = math.nan
+                case.value_cache[phys, h] = math.nan
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_selection_equals_the_row_by_row_reference(selection, seed) -> None:
+    case = sample_case(seed)
+    cfg = settings(**selection)
+    inputs = policy_inputs(case, cfg)
+    local_lse = exact_local_lse(case)
+    keep = select_blocks(inputs.pages, local_lse, inputs.bulk_lse, case.seq_lens, cfg, BS)
+    expected = reference_selection(case, cfg, inputs)
+    for b in range(len(case.keys)):
+        for h in range(case.num_kv_heads):
+            assert set(keep[b, h].nonzero().flatten().tolist()) == expected[b][h], (b, h)
+    n_blocks = (case.seq_lens.long() - 1) // BS + 1
+    assert (keep.sum(-1) < n_blocks.unsqueeze(1)).any(), "the case never skips a block"
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
+def test_unselected_blocks_are_never_read_and_outputs_match(selection) -> None:
+    case = sample_case(3)
+    cfg = settings(**selection).replace(tau=0.95)  # some groups local, most long
+    inputs = policy_inputs(case, cfg)  # estimates from the clean cache, as at decode time
+    chosen = reference_selection(case, cfg, inputs)
+    poison_all_but(case, chosen)
+    result = paged_decode(case.batch(), cfg, inputs)
+    assert result.long_groups.any() and (~result.long_groups).any()
+    assert torch.isfinite(result.output).all()
+    group = case.query.shape[1] // case.num_kv_heads
+    for b, length in enumerate(case.seq_lens.tolist()):
+        local = local_positions(length, T_SINK, T_LOCAL)
+        mask = torch.zeros(case.query.shape[1], length, dtype=torch.bool)
+        for h in range(case.num_kv_heads):
+            long = bool(result.long_groups[b, h])
+            read = torch.zeros(length, dtype=torch.bool)
+            for k in chosen[b][h]:
+                read[k * BS : (k + 1) * BS] = True
+            mask[h * group : (h + 1) * group] = read if long else local
+            if long:
+                assert int(result.kept_blocks[b, h]) == len(chosen[b][h])
+            else:
+                assert int(result.kept_blocks[b, h]) == 0
+        torch.testing.assert_close(result.output[b], sdpa_row(case, b, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_a_budget_reaching_every_block_is_the_head_decision() -> None:
+    case = sample_case(4)
+    head_level = paged_decode(case.batch(), settings(), policy_inputs(case, settings()))
+    cfg = settings(page_top_k=10**4)
+    result = paged_decode(case.batch(), cfg, policy_inputs(case, cfg))
+    assert torch.equal(result.long_groups, head_level.long_groups)
+    torch.testing.assert_close(result.output, head_level.output, atol=1e-6, rtol=1e-5)
+    n_blocks = (case.seq_lens.long() - 1) // BS + 1
+    assert torch.equal(result.kept_blocks, torch.where(result.long_groups, n_blocks.unsqueeze(1), 0))
+
+
+def test_settings_refuse_what_cannot_select() -> None:
+    assert settings(page_budget=0.1).selects_pages and not settings().selects_pages
+    with pytest.raises(ValueError, match="set one"):
+        settings(page_budget=0.1, page_top_k=4)
+    for policy, stats in (("qada", "prompt"), ("full", "pages"), ("oracle", "pages")):
+        with pytest.raises(ValueError, match="needs policy qada with stats pages"):
+            QadaSettings(policy=policy, stats=stats, page_budget=0.1)
+    with pytest.raises(ValueError):
+        settings(page_budget=1.0)
+    QadaSettings(policy="qada", stats="pages_bound", page_top_k=2)  # the bound ranks too
+
+
+def test_page_selection_is_refused_off_the_cpu_path() -> None:
+    with pytest.raises(PolicyError, match="CPU path only"):
+        ActivePolicy.load(settings(page_budget=0.1), TEST_SHAPE, {}, device="cuda")
+
+
+def test_bytes_and_blocks_are_counted_from_the_blocks_read() -> None:
+    """Two rows of 1000 and 300 tokens (blocks of 128: 8 and 3), one layer, 2 KV groups: row 0's
+    group 0 long with 3 blocks kept, group 1 local; row 1's group 1 long with all 3 kept."""
+    groups = torch.tensor([[[True, False]], [[False, True]]])
+    decisions = StepDecisions(
+        ["a", "b"],
+        [0],
+        torch.tensor([1000, 300]),
+        groups.repeat_interleave(2, -1),
+        groups,
+        token_bytes=4,
+        local_tokens=80,
+        kept_blocks=torch.tensor([[[3, 0]], [[0, 3]]]),
+        block_size=128,
+    )
+    # row 0: 2 whole blocks and the last one's 1000 - 7 * 128 = 104 tokens; local: 80
+    assert decisions.tokens_read().tolist() == [[[2 * 128 + 104, 80]], [[80, 300]]]
+    counters = DecisionCounters()
+    counters.add(decisions)
+    layer = counters.snapshot()["layers"][0]
+    assert layer["kv_blocks_read"] == 6 and layer["kv_blocks_skipped"] == 5
+    read = (360 + 80 + 80 + 300) * 4
+    assert layer["kv_bytes_read"] == read and layer["kv_bytes_skipped"] == (2 * 1300 * 4) - read
+    log = RequestLog()
+    log.add(decisions, ["a", "b"])
+    assert log.request("a")["kv_bytes"] == {"read": 440 * 4, "skipped": (2000 - 440) * 4}
+    assert log.request("b")["kv_bytes"] == {"read": 380 * 4, "skipped": (600 - 380) * 4}
