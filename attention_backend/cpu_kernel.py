@@ -29,7 +29,8 @@ from vllm import _custom_ops as ops
 from vllm import envs
 
 from .kv_layout import CPU_VEC
-from .page_select import select_blocks, selected_tables
+from .page_estimate import PageMasses
+from .page_select import key_dim_masses, select_blocks, selected_tables
 from .policy import (
     NO_INPUTS,
     DecodeBatch,
@@ -157,7 +158,13 @@ def paged_decode(
     )
     bulk_lse = None
     if settings.needs_exact_bulk:  # the exact bulk mass of every head: reads the whole cache
-        bulk_lse = exact_lse(CPU_VEC, batch, plan.lengths, settings).bulk
+        exact = exact_lse(CPU_VEC, batch, plan.lengths, settings, block_size if settings.selects_pages else 0)
+        bulk_lse = exact.bulk
+        if settings.selects_pages:  # the oracle's page masses: exact, per KV block
+            masses = exact.blocks.view(rows, num_kv_heads, num_heads // num_kv_heads, -1)
+            inputs = inputs._replace(
+                pages=PageMasses(masses, torch.arange(masses.shape[-1]).expand(rows, -1))
+            )
     score_stats_ = None if score_moments is None else tuple(s.flatten(1) for s in score_moments)
     long_heads = decide_long_heads(
         settings,
@@ -179,8 +186,14 @@ def paged_decode(
         tables = plan.head_tables.index_select(0, pairs)
         lengths = plan.head_seq_lens.index_select(0, pairs)
         if settings.selects_pages:  # only the selected blocks (page_select)
-            lse = local_lse.flatten(1)
-            keep = select_blocks(inputs.pages, lse, inputs.bulk_lse, plan.seq_lens, settings, block_size)
+            if settings.page_rank_dims:
+                masses, total = key_dim_masses(
+                    q, key_cache, block_table, plan.seq_lens, settings.page_rank_dims
+                )
+            else:
+                bulk = inputs.bulk_lse if bulk_lse is None else bulk_lse
+                masses, total = inputs.pages, torch.logaddexp(local_lse.flatten(1), bulk)
+            keep = select_blocks(masses, total, plan.seq_lens, settings, block_size)
             kept_blocks = keep.sum(-1) * long_groups  # 0 for local groups
             tables, lengths = selected_tables(keep.flatten(0, 1)[pairs], tables, lengths, block_size)
         per_head = DecodeBatch(

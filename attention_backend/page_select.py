@@ -6,8 +6,10 @@ sinks or window positions, the current token's last) and, of its other blocks (t
 wholly inside the bulk), the fewest that leave at most `page_budget` of each of its query heads'
 estimated softmax mass unread, taken in order of the largest share any of its heads gives them.
 With `page_top_k` (as Quest), it reads its k candidates of highest such share. Masses are the
-page estimates (`page_estimate.PageMasses`), pooled per block; a head's total is its exact local
-mass plus its estimated bulk mass, so a share is what the head decision thresholds, per block.
+page estimates (`page_estimate.PageMasses`), pooled per block, with a head's total its exact
+local mass plus its estimated bulk mass (a share is what the head decision thresholds, per
+block); or, with `page_rank_dims`, SparQ's partial scores on the key dimensions where the group's
+queries are largest, read from the cache (`key_dim_masses`); or the oracle's exact masses.
 
 Blocks are vLLM's KV blocks (128 tokens on CPU): the unit the stock kernel reads through a
 block table (`cpu_kernel`), so a selection is read at the stock kernel's speed.
@@ -15,6 +17,7 @@ block table (`cpu_kernel`), so a selection is read at the stock kernel's speed.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -49,22 +52,18 @@ def block_shares(masses: PageMasses, total_lse: Tensor, candidates: Tensor) -> T
 
 
 def select_blocks(
-    masses: PageMasses,
-    local_lse: Tensor,
-    bulk_lse: Tensor,
-    seq_lens: Tensor,
-    settings: QadaSettings,
-    block_size: int,
+    masses: PageMasses, total_lse: Tensor, seq_lens: Tensor, settings: QadaSettings, block_size: int
 ) -> Tensor:
     """Bool [B, Hkv, nb]: the logical blocks each (row, KV head) reads when its group is long,
-    always-read blocks included; local_lse and bulk_lse [B, Hq] (exact local, estimated bulk),
-    seq_lens [B] on the estimates' device. nb covers the longest row."""
+    always-read blocks included; total_lse [B, Hq] is each head's log-mass over its whole row, in
+    the measure of `masses` (local exact plus estimated bulk, or all sketched); seq_lens [B] on
+    the estimates' device. nb covers the longest row."""
     batch, num_kv_heads, group, _ = masses.logits.shape
     lengths = seq_lens.long()
     last = (lengths - 1) // block_size
     num_blocks = int(last.max()) + 1
     candidates = candidate_blocks(lengths, settings, block_size, num_blocks)  # [B, nb]
-    total = torch.logaddexp(local_lse, bulk_lse).view(batch, num_kv_heads, group)
+    total = total_lse.view(batch, num_kv_heads, group)
     shares = block_shares(masses, total, candidates)  # [B, Hkv, G, nb]
     rank_by = torch.where(candidates.unsqueeze(1), shares.amax(2), -1.0)  # [B, Hkv, nb]
     order = rank_by.argsort(dim=-1, descending=True, stable=True)
@@ -79,6 +78,32 @@ def select_blocks(
     selected = order.argsort(-1) < take.unsqueeze(-1)
     within = torch.arange(num_blocks, device=lengths.device) <= last.unsqueeze(1)
     return (selected & candidates.unsqueeze(1)) | (within & ~candidates).unsqueeze(1)
+
+
+def key_dim_masses(
+    q: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, dims: int
+) -> tuple[PageMasses, Tensor]:
+    """SparQ's first step as page masses: partial scores of every key of each row on the `dims`
+    key dimensions where its KV group's queries are largest (summed |q| over the group), read
+    from the CPU-layout cache (dims / D of the keys). q [B, Hkv, G, D] scaled queries. Returns
+    the per-block log-mass [B, Hkv, G, nb] and each head's log-mass over its whole row [B, Hq]."""
+    batch, num_kv_heads, group, head_dim = q.shape
+    num_blocks_total, _, block_size, _ = key_cache.shape
+    lengths = seq_lens.long()
+    num_blocks = int((lengths.max() - 1) // block_size) + 1
+    k = torch.arange(num_blocks, device=q.device)
+    owned = k < ((lengths - 1) // block_size + 1).unsqueeze(1)
+    table = torch.where(owned, block_table[:, :num_blocks].long(), 0)  # padding reads block 0, masked
+    top = q.abs().sum(2).topk(min(dims, head_dim), -1).indices  # [B, Hkv, r]
+    columns = key_cache.view(num_blocks_total, num_kv_heads, head_dim, block_size)  # K^T per block
+    heads = torch.arange(num_kv_heads, device=q.device).view(1, 1, -1, 1)
+    keys = columns[table[:, :, None, None], heads, top.unsqueeze(1)].float()  # [B, nb, Hkv, r, bs]
+    q_top = q.gather(-1, top.unsqueeze(2).expand(-1, -1, group, -1))  # [B, Hkv, G, r]
+    scores = torch.einsum("bhgr,bkhrs->bhgks", q_top.float(), keys)  # [B, Hkv, G, nb, bs]
+    positions = k.view(-1, 1) * block_size + torch.arange(block_size, device=q.device)
+    scores = scores.masked_fill(positions >= lengths.view(-1, 1, 1, 1, 1), -math.inf)
+    block_lse = scores.logsumexp(-1)
+    return PageMasses(block_lse, k.expand(batch, -1)), block_lse.logsumexp(-1).flatten(1)
 
 
 def selected_tables(keep: Tensor, tables: Tensor, seq_lens: Tensor, block_size: int) -> tuple[Tensor, Tensor]:

@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .kv_layout import KVLayout
@@ -44,6 +45,7 @@ class ExactLse(NamedTuple):
     local: Tensor  # [B, Hq] log-sum-exp of the scores over the local set
     bulk: Tensor  # [B, Hq] over the bulk (-inf where it is empty)
     top1: Tensor  # [B, Hq] int64: position of the largest score
+    blocks: Tensor | None = None  # with block_size: [B, Hq, nb] over each KV block's bulk positions
 
     def observe(self, logit_tau: float) -> Observation:
         return Observation(self.bulk - self.local > logit_tau, self.top1)
@@ -65,13 +67,18 @@ def _row_scores(
     return scale * torch.einsum("hd,lhd->hl", query.float(), keys.repeat_interleave(group, 1))
 
 
-def exact_lse(layout: KVLayout, batch: DecodeBatch, seq_lens: list[int], settings: QadaSettings) -> ExactLse:
-    """Over the first `seq_lens[b]` positions of each row; results on the query's device."""
+def exact_lse(
+    layout: KVLayout, batch: DecodeBatch, seq_lens: list[int], settings: QadaSettings, block_size: int = 0
+) -> ExactLse:
+    """Over the first `seq_lens[b]` positions of each row; results on the query's device. With
+    `block_size`, also per KV block (the oracle's page masses for page selection)."""
     query, key_cache, _, block_table, _, scale = batch
     rows, num_heads, _ = query.shape
     local_lse = torch.empty(rows, num_heads, device=query.device)
     bulk_lse = torch.full((rows, num_heads), -math.inf, device=query.device)
     top1 = torch.zeros(rows, num_heads, dtype=torch.long, device=query.device)
+    num_blocks = -(-max(seq_lens, default=1) // block_size) if block_size else 0
+    blocks = torch.full((rows, num_heads, num_blocks), -math.inf, device=query.device)
     for b, length in enumerate(seq_lens):
         scores = _row_scores(layout, query[b], key_cache, block_table[b], length, scale)
         top1[b] = scores.argmax(-1)
@@ -81,7 +88,12 @@ def exact_lse(layout: KVLayout, batch: DecodeBatch, seq_lens: list[int], setting
         local_lse[b] = scores[:, local].logsumexp(-1)
         if not local.all():
             bulk_lse[b] = scores[:, ~local].logsumexp(-1)
-    return ExactLse(local_lse, bulk_lse, top1)
+        if block_size:
+            bulk = F.pad(
+                scores.masked_fill(local, -math.inf), (0, num_blocks * block_size - length), value=-math.inf
+            )
+            blocks[b] = bulk.view(num_heads, num_blocks, block_size).logsumexp(-1)
+    return ExactLse(local_lse, bulk_lse, top1, blocks if block_size else None)
 
 
 def reference_decode(

@@ -66,7 +66,8 @@ class QadaSettings(BaseModel):
         0.0,
         ge=0,
         lt=1,
-        description="page selection (qada with page statistics, CPU): a long KV group reads, "
+        description="page selection (qada with page statistics, or oracle: exact masses; CPU): a "
+        "long KV group reads, "
         "besides its sink and window blocks, only the bulk KV blocks with the highest estimated "
         "mass, the fewest that leave at most this estimated share of each of its heads' softmax "
         "mass unread; 0 reads the whole context",
@@ -77,6 +78,14 @@ class QadaSettings(BaseModel):
         le=MAX_TOKENS,
         description="page selection with a fixed budget instead (as Quest): a long KV group reads "
         "its k bulk KV blocks of highest estimated mass; 0: off",
+    )
+    page_rank_dims: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="page selection ranks KV blocks by partial scores on this many key dimensions "
+        "(those where the group's queries are largest, as SparQ), read from the cache, instead of "
+        "by the page statistics; 0: by the page statistics",
     )
     random_fraction: float = Field(0.5, ge=0, le=1, description="long share of heads for random")
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the random policy's draws")
@@ -112,10 +121,17 @@ class QadaSettings(BaseModel):
     def _page_selection_needs_page_estimates(self) -> QadaSettings:
         if self.page_budget and self.page_top_k:
             raise ValueError("page_budget and page_top_k are two ways to select pages: set one")
-        if (self.page_budget or self.page_top_k) and not self.needs_pages:
+        selects = bool(self.page_budget or self.page_top_k)
+        if self.page_rank_dims and not (selects and self.policy == "qada"):
             raise ValueError(
-                "page selection ranks KV blocks by the page estimates: it needs policy qada with "
-                f"stats pages or pages_bound, not {self.policy}/{self.stats}"
+                "page_rank_dims ranks the blocks of page selection: set page_budget or page_top_k"
+            )
+        ranks = self.needs_pages or self.policy == "oracle" or (self.policy == "qada" and self.page_rank_dims)
+        if selects and not ranks:
+            raise ValueError(
+                "page selection ranks KV blocks by the page estimates (policy qada with stats pages "
+                "or pages_bound), by partial key scores (qada with page_rank_dims) or by their exact "
+                f"masses (policy oracle), not {self.policy}/{self.stats}"
             )
         return self
 
@@ -156,7 +172,7 @@ class QadaSettings(BaseModel):
     @property
     def selects_pages(self) -> bool:
         """Long KV groups read only their selected bulk blocks (`page_select`)."""
-        return self.needs_pages and bool(self.page_budget or self.page_top_k)
+        return self.policy in ("qada", "oracle") and bool(self.page_budget or self.page_top_k)
 
     @property
     def needs_calib(self) -> bool:

@@ -9,6 +9,7 @@ throughput = batch * N / (t(N+1) - t(1)), so prefill and HTTP overhead cancel ou
     python -m benchmarks.decode_speed --taus 0.8 0.9 0.95   # one QAdA server, policy set per run
     python -m benchmarks.decode_speed --contexts 2000 --min-bulk 0   # decide even for short bulks
     python -m benchmarks.decode_speed --vllm-args "--tensor-parallel-size 3"   # both servers TP 3
+    python -m benchmarks.decode_speed --changes page_top_k=4 policy=oracle,page_top_k=4  # page selection
 
 Writes results/decode_speed-<dtype>.json and prints a Markdown table.
 """
@@ -39,9 +40,12 @@ async def timed_batch(url: str, prompts: list[str], max_tokens: int) -> tuple[fl
     return time.perf_counter() - start, [r.choices[0].text for r in replies]
 
 
-def group_decisions(server) -> dict:
-    reply = httpx.get(server.url + "/v1/qada/stats", headers={"Authorization": f"Bearer {API_KEY}"})
-    return reply.json().get("kv_group_decisions", {})
+def decode_counts(server) -> dict:
+    """KV-group decisions and KV bytes so far (empty on a stock server)."""
+    reply = httpx.get(server.url + "/v1/qada/stats", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    if not reply.get("enabled"):
+        return {}
+    return {**reply["kv_group_decisions"], **{f"bytes_{k}": v for k, v in reply["kv_bytes"].items()}}
 
 
 def measure(server, prompts_by_context, batches, new_tokens, repeats) -> list[dict]:
@@ -50,18 +54,19 @@ def measure(server, prompts_by_context, batches, new_tokens, repeats) -> list[di
     for context, prompts in prompts_by_context.items():
         asyncio.run(timed_batch(url, prompts[: max(batches)], 1))  # prefill into the prefix cache
         for batch in batches:
-            best, answer, local = None, "", None
+            best, answer, local, read = None, "", None, None
             for _ in range(repeats):
                 t1, _ = asyncio.run(timed_batch(url, prompts[:batch], 1))
-                before = group_decisions(server)
+                before = decode_counts(server)
                 tn, texts = asyncio.run(timed_batch(url, prompts[:batch], new_tokens + 1))
-                after = group_decisions(server)
+                after = decode_counts(server)
                 tps = batch * new_tokens / (tn - t1)
                 if best is None or tps > best:
                     best, answer = tps, texts[0]
                 if after:
                     d = {k: after[k] - before[k] for k in after}
                     local = d["local"] / max(1, d["local"] + d["long"])
+                    read = d["bytes_read"] / max(1, d["bytes_read"] + d["bytes_skipped"])
             rows.append(
                 {
                     "context": context,
@@ -69,6 +74,7 @@ def measure(server, prompts_by_context, batches, new_tokens, repeats) -> list[di
                     "decode_tok_s": round(best, 2),
                     "passkey_answered": PASSKEY in answer[:16],
                     "kv_group_local_fraction": None if local is None else round(local, 3),
+                    "kv_read_fraction": None if read is None else round(read, 3),
                 }
             )
             print(json.dumps(rows[-1]), flush=True)
@@ -91,6 +97,12 @@ def main() -> None:
         nargs="+",
         default=[None],
         help="QAdA thresholds, measured one after another on the same server",
+    )
+    parser.add_argument(
+        "--changes",
+        nargs="+",
+        default=[],
+        help="policy changes measured after the taus, each KEY=VALUE[,KEY=VALUE] (PATCH)",
     )
     parser.add_argument("--min-bulk", type=int, default=None, help="default: the config's")
     parser.add_argument("--vllm-args", default="", help="arguments for vLLM, given to both servers")
@@ -149,6 +161,14 @@ def main() -> None:
                 results["runs"][label] = measure(
                     server, prompts_by_context, args.batches, args.new_tokens, args.repeats
                 )
+            base = set_tau(server, None)
+            for change in args.changes:
+                settings = put_changed(server, base, change)
+                label = f"qada {change} tau={settings['tau']:g} min_bulk={settings['min_bulk']}"
+                print(f"# {label}", flush=True)
+                results["runs"][label] = measure(
+                    server, prompts_by_context, args.batches, args.new_tokens, args.repeats
+                )
         finally:
             server.stop()
     out = args.out or log_dir / f"decode_speed-{args.dtype}.json"
@@ -170,13 +190,23 @@ def set_tau(server, tau: float | None) -> dict:
     return settings
 
 
+def put_changed(server, base: dict, change: str) -> dict:
+    """`base` with the changes `KEY=VALUE[,KEY=VALUE]` (values as YAML) in force."""
+    import yaml
+
+    changes = dict(item.split("=", 1) for item in change.split(","))
+    settings = {**base, **{k: yaml.safe_load(v) for k, v in changes.items()}}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    return httpx.put(server.url + "/v1/qada/policy", headers=headers, json=settings).raise_for_status().json()
+
+
 def print_table(runs: dict) -> None:
     stock = runs["stock"]
     print(
         "\n| context | batch | stock tok/s | policy | qada tok/s | speedup | qada KV-group local "
-        "| passkey (stock/qada) |"
+        "| KV bytes read | passkey (stock/qada) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for label, rows in runs.items():
         if label == "stock":
             continue
@@ -185,6 +215,7 @@ def print_table(runs: dict) -> None:
                 f"| {s['context']} | {s['batch']} | {s['decode_tok_s']:.1f} | {label[5:]} "
                 f"| {q['decode_tok_s']:.1f} | "
                 f"{q['decode_tok_s'] / s['decode_tok_s']:.2f}x | {q['kv_group_local_fraction']} | "
+                f"{q.get('kv_read_fraction')} | "
                 f"{'yes' if s['passkey_answered'] else 'no'}/{'yes' if q['passkey_answered'] else 'no'} |"
             )
 

@@ -115,9 +115,9 @@ def _pct(x: float | None) -> str:
 
 def _table(summary: dict, protocol: str) -> list[str]:
     lines = [
-        "| setting | solved | heads local | KV groups local | FN rate (heads / groups) "
+        "| setting | solved | heads local | KV groups local | KV bytes read | FN rate (heads / groups) "
         "| FP rate (heads / groups) | tokens agreeing with full |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in summary["settings"]:
         if e["protocol"] != protocol:
@@ -133,7 +133,7 @@ def _table(summary: dict, protocol: str) -> list[str]:
         agreement = e.get("full_agreement_tokens")
         lines.append(
             f"| {e['setting']} | {solved} | {_pct(e.get('heads_local_fraction'))} "
-            f"| {_pct(e.get('groups_local_fraction'))} | {fn} | {fp} "
+            f"| {_pct(e.get('groups_local_fraction'))} | {_pct(e.get('kv_read_fraction'))} | {fn} | {fp} "
             f"| {'' if agreement is None else f'{agreement:.1f}'} |"
         )
     return lines

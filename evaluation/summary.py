@@ -1,7 +1,7 @@
 """Aggregate result rows per (protocol, setting): accuracy (over probes with answers), sparsity at
-query-head and KV-group level, agreement with the oracle (false-negative / false-positive rates)
-and with full attention's greedy tokens (the common prefix of each output with policy `full`'s on
-the same probe and protocol)."""
+query-head and KV-group level, the share of full attention's decode KV bytes read, agreement with
+the oracle (false-negative / false-positive rates) and with full attention's greedy tokens (the
+common prefix of each output with policy `full`'s on the same probe and protocol)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,9 @@ def summarize(rows: list[dict]) -> dict:
             for level in ("heads", "groups"):
                 total = sum(r[f"{level}_total"] for r in items)
                 entry[f"{level}_local_fraction"] = 1 - sum(r[f"{level}_long"] for r in items) / max(total, 1)
+        if "kv_bytes_read" in items[0]:  # decode steps' KV bytes, of full attention's
+            read = sum(r["kv_bytes_read"] for r in items)
+            entry["kv_read_fraction"] = read / max(read + sum(r["kv_bytes_skipped"] for r in items), 1)
         observed = [r["oracle"] for r in items if "oracle" in r]
         if observed:
             entry["agreement"] = {}

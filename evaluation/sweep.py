@@ -29,6 +29,10 @@ class Setting:
         return self.family if self.knob is None else f"{self.family}@{self.knob:g}"
 
 
+PAGE_SELECTORS = {
+    "oracle": {"policy": "oracle"},
+    "qada-pages32": {"policy": "qada", "stats": "pages", "page_chunk": 32},
+}
 # Families swept over tau: their policy settings (qada's are observed: FN / FP against the oracle).
 TAU_FAMILIES = {
     "oracle": {"policy": "oracle"},
@@ -40,6 +44,18 @@ TAU_FAMILIES = {
     "qada-pages128": {"policy": "qada", "stats": "pages", "page_chunk": 128},
     "qada-bound32": {"policy": "qada", "stats": "pages_bound", "page_chunk": 32},
     "qada-pages32-mean": {"policy": "qada", "stats": "pages", "page_chunk": 32, "groups": "mean"},
+    # page selection inside long groups: top-p (unread estimated share) and top-k (KV blocks),
+    # by the page estimates (qada) or by the exact block masses (oracle)
+    **{
+        f"{name}-p{budget * 100:02.0f}": {**policy, "page_budget": budget}
+        for name, policy in PAGE_SELECTORS.items()
+        for budget in (0.01, 0.02, 0.05, 0.1, 0.2)
+    },
+    **{
+        f"{name}-k{k}": {**policy, "page_top_k": k}
+        for name, policy in PAGE_SELECTORS.items()
+        for k in (2, 4, 8, 16)
+    },
 }
 MASK_FAMILIES = ("static-oracle", "static-retrieval", "random")  # swept over the local share
 DEFAULT_FAMILIES = ("oracle", "qada-pages32", "qada-prompt", "qada-local", "qada-calib", *MASK_FAMILIES)
@@ -114,6 +130,8 @@ def run_probe(client: ServerClient, probe: Probe, setting: Setting, protocol: st
             heads_total=heads["long"] + heads["local"],
             groups_long=groups["long"],
             groups_total=groups["long"] + groups["local"],
+            kv_bytes_read=usage["kv_bytes"]["read"],
+            kv_bytes_skipped=usage["kv_bytes"]["skipped"],
         )
         if "oracle" in usage:
             row["oracle"] = usage["oracle"]

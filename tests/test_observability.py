@@ -96,11 +96,11 @@ def prometheus(qada_server, tmp_path_factory):
 def test_every_dashboard_query_returns_data(prometheus, qada_server, qada_client):
     httpx.put(
         qada_server.url + "/v1/qada/policy",
-        json={"policy": "qada"},
+        json={"policy": "qada", "page_top_k": 2},  # page selection: blocks read and skipped
         headers={"Authorization": "Bearer sk-qada-test"},
     ).raise_for_status()
     time.sleep(3)  # a first scrape before the traffic, so that rates see increases
-    prompt = "A long letter about the weather in the mountains. " * 30
+    prompt = "A long letter about the weather in the mountains. " * 80  # 7 KV blocks (prefix-cached)
     for _ in range(6):
         qada_client.completions.create(
             model=SERVED_NAME, prompt=prompt, max_tokens=8, extra_body={"ignore_eos": True}

@@ -255,6 +255,39 @@ def test_prometheus_metrics_count_every_decision_exactly(qada_server, qada_clien
     assert total(after, "vllm:generation_tokens_total") > 0  # vLLM's own metrics still served
 
 
+def test_page_selection_reads_the_selected_blocks_and_counts_them(qada_server, qada_client, haystack):
+    """The oracle's exact block masses, top 4 bulk blocks per long group: the passkey is found
+    with a fraction of the head decision's reads, and bytes and blocks are counted alike in
+    usage, /v1/qada/stats and /metrics."""
+    tokenizer, text = haystack
+    prompt = passkey_prompt(tokenizer, 4000, 0.5, "71432", text)  # prefix-cached by the test above
+    runs = {}
+    for name, selection in (("heads", {}), ("pages", {"page_top_k": 4})):
+        set_policy(qada_server, policy="oracle", min_bulk=0, **selection)
+        before, metrics_before = stats(qada_server), scrape(qada_server)
+        reply = greedy(qada_client, prompt, 8, ignore_eos=False, stats=True)
+        after, metrics_after = stats(qada_server), scrape(qada_server)
+        usage = reply.model_dump()["usage"]
+        steps, context = usage["completion_tokens"] - 1, usage["prompt_tokens"]
+        kv = usage["qada"]["kv_bytes"]
+        assert kv["read"] + kv["skipped"] == sum(context + i for i in range(1, steps + 1)) * 30 * 3 * 512
+        assert kv == {k: after["kv_bytes"][k] - before["kv_bytes"][k] for k in kv}
+        blocks = {k: after["kv_blocks_of_long_groups"][k] - before["kv_blocks_of_long_groups"][k] for k in kv}
+        for decision in ("read", "skipped"):
+            counted = total(metrics_after, "qada_kv_blocks_total", decision=decision)
+            assert (
+                counted - total(metrics_before, "qada_kv_blocks_total", decision=decision) == blocks[decision]
+            )
+        runs[name] = reply.choices[0].text, kv, blocks, usage["qada"]["kv_group_decisions"]["long"]
+    (head_text, head_kv, head_blocks, _), (text_, kv, blocks, long) = runs["heads"], runs["pages"]
+    assert "71432" in head_text and "71432" in text_
+    assert head_blocks == {"read": 0, "skipped": 0}  # no page selection, no block counts
+    # each long group: the sink block, one or two window blocks, and the 4 selected
+    assert 6 * long <= blocks["read"] <= 7 * long and blocks["skipped"] > 3 * blocks["read"]
+    print(f"\npage selection: KV bytes read {kv['read'] / head_kv['read']:.3f} of the head decision's")
+    assert kv["read"] < 0.4 * head_kv["read"]
+
+
 def test_per_request_stats_add_up_to_the_global_counters(qada_server, qada_client):
     set_policy(qada_server, policy="qada")
     prompt = "The history of the lighthouse. " * 30

@@ -67,6 +67,12 @@ PANELS = [
         "timeseries",
     ),
     (
+        "KV blocks of long groups per second (page selection)",
+        "short",
+        [("{{decision}}", f"sum by (decision) (rate(qada_kv_blocks_total{RATE}))")],
+        "timeseries",
+    ),
+    (
         "Decisions per second",
         "ops",
         [

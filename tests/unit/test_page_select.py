@@ -11,7 +11,9 @@ import torch
 from attention_backend.context import StepDecisions
 from attention_backend.counters import DecisionCounters
 from attention_backend.cpu_kernel import paged_decode
-from attention_backend.page_select import select_blocks
+from attention_backend.page_estimate import PageMasses
+from attention_backend.page_select import key_dim_masses, select_blocks
+from attention_backend.policy import PolicyInputs
 from attention_backend.policy_files import PolicyError
 from attention_backend.request_log import RequestLog
 from attention_backend.settings import ActivePolicy, QadaSettings
@@ -123,7 +125,8 @@ def test_selection_equals_the_row_by_row_reference(selection, seed) -> None:
     cfg = settings(**selection)
     inputs = policy_inputs(case, cfg)
     local_lse = exact_local_lse(case)
-    keep = select_blocks(inputs.pages, local_lse, inputs.bulk_lse, case.seq_lens, cfg, BS)
+    total = torch.logaddexp(local_lse, inputs.bulk_lse)
+    keep = select_blocks(inputs.pages, total, case.seq_lens, cfg, BS)
     expected = reference_selection(case, cfg, inputs)
     for b in range(len(case.keys)):
         for h in range(case.num_kv_heads):
@@ -174,12 +177,16 @@ def test_settings_refuse_what_cannot_select() -> None:
     assert settings(page_budget=0.1).selects_pages and not settings().selects_pages
     with pytest.raises(ValueError, match="set one"):
         settings(page_budget=0.1, page_top_k=4)
-    for policy, stats in (("qada", "prompt"), ("full", "pages"), ("oracle", "pages")):
-        with pytest.raises(ValueError, match="needs policy qada with stats pages"):
+    for policy, stats in (("qada", "prompt"), ("full", "pages"), ("static", "pages")):
+        with pytest.raises(ValueError, match="ranks KV blocks by the page estimates"):
             QadaSettings(policy=policy, stats=stats, page_budget=0.1)
     with pytest.raises(ValueError):
         settings(page_budget=1.0)
     QadaSettings(policy="qada", stats="pages_bound", page_top_k=2)  # the bound ranks too
+    assert QadaSettings(policy="oracle", page_budget=0.1).selects_pages  # by the exact masses
+    assert QadaSettings(policy="qada", stats="prompt", page_top_k=4, page_rank_dims=8).selects_pages
+    with pytest.raises(ValueError, match="set page_budget or page_top_k"):
+        settings(page_rank_dims=8)
 
 
 def test_page_selection_is_refused_off_the_cpu_path() -> None:
@@ -214,3 +221,80 @@ def test_bytes_and_blocks_are_counted_from_the_blocks_read() -> None:
     log.add(decisions, ["a", "b"])
     assert log.request("a")["kv_bytes"] == {"read": 440 * 4, "skipped": (2000 - 440) * 4}
     assert log.request("b")["kv_bytes"] == {"read": 380 * 4, "skipped": (600 - 380) * 4}
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
+def test_the_oracle_selects_by_the_exact_block_masses(selection) -> None:
+    case = sample_case(5)
+    cfg = QadaSettings(policy="oracle", tau=0.95, t_sink=T_SINK, t_local=T_LOCAL, **selection)
+    result = paged_decode(case.batch(), cfg, PolicyInputs())
+    group = case.query.shape[1] // case.num_kv_heads
+    bulk_lse = torch.full(case.query.shape[:2], -math.inf)
+    n_blocks = -(-int(case.seq_lens.max()) // BS)
+    blocks = torch.full((*case.query.shape[:2], n_blocks), -math.inf)
+    for b, length in enumerate(case.seq_lens.tolist()):
+        scores = row_scores(case, b).masked_fill(local_positions(length, T_SINK, T_LOCAL), -math.inf)
+        bulk_lse[b] = scores.logsumexp(-1)
+        for k in range(-(-length // BS)):
+            blocks[b, :, k] = scores[:, k * BS : (k + 1) * BS].logsumexp(-1)
+    exact = PolicyInputs(
+        bulk_lse=bulk_lse,
+        pages=PageMasses(
+            blocks.view(len(case.keys), case.num_kv_heads, group, -1),
+            torch.arange(n_blocks).expand(len(case.keys), -1),
+        ),
+    )
+    chosen = reference_selection(case, cfg, exact)
+    assert result.long_groups.any()
+    for b, length in enumerate(case.seq_lens.tolist()):
+        mask = local_positions(length, T_SINK, T_LOCAL).repeat(case.query.shape[1], 1)
+        for h in range(case.num_kv_heads):
+            if result.long_groups[b, h]:
+                assert int(result.kept_blocks[b, h]) == len(chosen[b][h])
+                mask[h * group : (h + 1) * group] = False
+                for k in chosen[b][h]:
+                    mask[h * group : (h + 1) * group, k * BS : (k + 1) * BS] = True
+        torch.testing.assert_close(result.output[b], sdpa_row(case, b, mask), atol=1e-5, rtol=1e-5)
+
+
+def test_key_dim_masses_are_partial_scores_on_the_groups_largest_query_dimensions() -> None:
+    case = sample_case(6)
+    rows, num_heads, head_dim = case.query.shape
+    group = num_heads // case.num_kv_heads
+    q = (case.query * case.scale).view(rows, case.num_kv_heads, group, head_dim)
+    masses, total = key_dim_masses(q, case.key_cache, case.block_table, case.seq_lens, dims=8)
+    for b, length in enumerate(case.seq_lens.tolist()):
+        for h in range(case.num_kv_heads):
+            dims = q[b, h].abs().sum(0).topk(8).indices
+            keys = case.keys[b][:, h, dims].float()  # [L, r]
+            scores = q[b, h][:, dims] @ keys.T  # [G, L]
+            torch.testing.assert_close(total[b, h * group : (h + 1) * group], scores.logsumexp(-1))
+            for k in range(-(-length // BS)):
+                block = scores[:, k * BS : (k + 1) * BS].logsumexp(-1)
+                torch.testing.assert_close(masses.logits[b, h, :, k], block)
+
+
+def test_key_dim_ranking_reads_only_the_values_of_the_selected_blocks() -> None:
+    """The ranking reads 8 of 64 dimensions of every key; values are read only where selected."""
+    case = sample_case(7)
+    cfg = settings(page_top_k=2, page_rank_dims=8).replace(tau=0.95)
+    rows, num_heads, head_dim = case.query.shape
+    group = num_heads // case.num_kv_heads
+    q = (case.query * case.scale).view(rows, case.num_kv_heads, group, head_dim)
+    masses, total = key_dim_masses(q, case.key_cache, case.block_table, case.seq_lens, dims=8)
+    keep = select_blocks(masses, total, case.seq_lens, cfg, BS)
+    for b, length in enumerate(case.seq_lens.tolist()):
+        for h in range(case.num_kv_heads):
+            for k in range(-(-length // BS)):
+                if not keep[b, h, k]:
+                    case.value_cache[int(case.block_table[b, k]), h] = math.nan
+    result = paged_decode(case.batch(), cfg, policy_inputs(case, cfg))
+    assert torch.isfinite(result.output).all() and result.long_groups.any()
+    for b, length in enumerate(case.seq_lens.tolist()):
+        mask = local_positions(length, T_SINK, T_LOCAL).repeat(num_heads, 1)
+        for h in range(case.num_kv_heads):
+            if result.long_groups[b, h]:
+                read = keep[b, h].repeat_interleave(BS)[:length]
+                mask[h * group : (h + 1) * group] = read
+                assert int(result.kept_blocks[b, h]) == int(keep[b, h].sum())
+        torch.testing.assert_close(result.output[b], sdpa_row(case, b, mask), atol=1e-5, rtol=1e-5)
