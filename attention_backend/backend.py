@@ -347,6 +347,9 @@ class QadaImplMixin:
                 replayed=rows.replayed,
                 kept_blocks=kept[0] if kept else None,
                 block_size=self.layout.block_size(batch.key_cache) if kept and kept[0] is not None else 0,
+                rank_bytes=min(settings.page_rank_dims, self.head_size) * kv_cache.element_size()
+                if settings.selects_pages
+                else 0,
             )
         )
 

@@ -41,6 +41,7 @@ class LayerDecisions:
     replayed: tuple[bool, ...] = ()  # per row: a resumed request's token decoded before
     kept_blocks: Tensor | None = None  # with page selection: [rows, Hkv] KV blocks long groups read
     block_size: int = 0  # of the KV cache, with page selection
+    rank_bytes: int = 0  # with page_rank_dims: key bytes per context token a long group's ranking read
 
 
 @dataclass
@@ -60,6 +61,7 @@ class StepDecisions:
     replayed: tuple[bool, ...] = ()  # per row (empty: none): counted, but not again per request
     kept_blocks: Tensor | None = None  # with page selection: [rows, layers, Hkv] int64
     block_size: int = 0  # of the KV cache, with page selection
+    rank_bytes: int = 0  # with page_rank_dims: key bytes per context token a long group's ranking read
 
     def tokens_read(self) -> Tensor:
         """[rows, layers, Hkv] int64: the tokens each KV group read: its whole context when long
@@ -69,6 +71,17 @@ class StepDecisions:
         if self.kept_blocks is not None:
             long_tokens = (self.kept_blocks - 1) * self.block_size + (lengths - 1) % self.block_size + 1
         return torch.where(self.groups, long_tokens, lengths.clamp(max=self.local_tokens))
+
+    def bytes_read(self) -> Tensor:
+        """[rows, layers, Hkv] int64: the KV bytes each KV group read: its tokens', and with
+        page_rank_dims the key dimensions its ranking read of the tokens it then skipped (those
+        of the blocks it reads are read whole anyway)."""
+        tokens = self.tokens_read()
+        read = tokens * self.token_bytes
+        if self.rank_bytes:
+            skipped = self.seq_lens.view(-1, 1, 1) - tokens
+            read = read + torch.where(self.groups, skipped * self.rank_bytes, 0)
+        return read
 
     def long_group_blocks(self) -> tuple[Tensor, Tensor] | None:
         """With page selection: per (row, layer, KV group) [rows, layers, Hkv], the KV blocks long
@@ -136,7 +149,7 @@ class StepContext:
         )
         if first.kept_blocks is not None:
             step.kept_blocks = torch.stack([d.kept_blocks for d in self.decisions], dim=1).cpu().long()
-            step.block_size = first.block_size
+            step.block_size, step.rank_bytes = first.block_size, first.rank_bytes
         if all(d.observation is not None for d in self.decisions):
             oracle = torch.stack([d.observation.oracle_long for d in self.decisions], dim=1).cpu()
             rows, layers, _ = oracle.shape

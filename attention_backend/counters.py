@@ -42,8 +42,8 @@ class DecisionCounters:
         """Count one engine step: per layer, and its long-context fraction."""
         self.num_heads, self.num_kv_heads = step.num_heads, step.num_kv_heads
         rows = step.heads.shape[0]
-        tokens_read = step.tokens_read().sum((0, 2))
-        tokens_all = int(step.seq_lens.sum()) * self.num_kv_heads
+        bytes_read = step.bytes_read().sum((0, 2))
+        bytes_all = int(step.seq_lens.sum()) * self.num_kv_heads * step.token_bytes
         blocks = step.long_group_blocks()
         no_blocks = [0] * len(step.layers)
         blocks_read, blocks_skipped = (
@@ -53,12 +53,12 @@ class DecisionCounters:
             step.layers,
             step.heads.sum((0, 2)).tolist(),
             step.groups.sum((0, 2)).tolist(),
-            tokens_read.tolist(),
+            bytes_read.tolist(),
             blocks_read,
             blocks_skipped,
         )
         for layer, n_heads, n_groups, read, n_read, n_skipped in per_layer:
-            read, skipped = read * step.token_bytes, (tokens_all - read) * step.token_bytes
+            skipped = bytes_all - read
             counts = self.layers[layer]
             counts["rows"] += rows
             counts["long_heads"] += n_heads

@@ -186,16 +186,9 @@ def paged_decode(
         tables = plan.head_tables.index_select(0, pairs)
         lengths = plan.head_seq_lens.index_select(0, pairs)
         if settings.selects_pages:  # only the selected blocks (page_select)
-            if settings.page_rank_dims:
-                masses, total = key_dim_masses(
-                    q, key_cache, block_table, plan.seq_lens, settings.page_rank_dims
-                )
-            else:
-                bulk = inputs.bulk_lse if bulk_lse is None else bulk_lse
-                masses, total = inputs.pages, torch.logaddexp(local_lse.flatten(1), bulk)
-            keep = select_blocks(masses, total, plan.seq_lens, settings, block_size)
-            kept_blocks = keep.sum(-1) * long_groups  # 0 for local groups
-            tables, lengths = selected_tables(keep.flatten(0, 1)[pairs], tables, lengths, block_size)
+            keep = _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs)  # [pairs, nb]
+            kept_blocks.view(-1)[pairs] = keep.sum(-1)
+            tables, lengths = selected_tables(keep, tables, lengths, block_size)
         per_head = DecodeBatch(
             query.reshape(rows * num_kv_heads, group, head_dim).index_select(0, pairs),
             heads_view.key_cache,
@@ -207,6 +200,27 @@ def paged_decode(
         long_out = stock_decode(per_head)
         out.index_copy_(0, pairs, long_out)
     return DecodeResult(out.view(rows, num_heads, head_dim), long_heads, long_groups, kept_blocks)
+
+
+def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs) -> Tensor:
+    """Bool [pairs, nb]: the KV blocks each long (row, KV head) pair reads (`page_select`)."""
+    _, num_kv_heads, group, head_dim = q.shape
+    block_size = plan.block_size
+    if settings.page_rank_dims:  # partial key scores, for the long pairs only
+        row = pairs // num_kv_heads
+        masses, total = key_dim_masses(
+            q.reshape(-1, group, head_dim).index_select(0, pairs),
+            pairs % num_kv_heads,
+            batch.key_cache,
+            batch.block_table.index_select(0, row),
+            plan.seq_lens.index_select(0, row),
+            settings.page_rank_dims,
+        )
+        return select_blocks(masses, total, plan.seq_lens.index_select(0, row), settings, block_size)[:, 0]
+    bulk = inputs.bulk_lse if bulk_lse is None else bulk_lse  # the oracle's exact, else estimated
+    total = torch.logaddexp(local_lse.flatten(1), bulk)
+    keep = select_blocks(inputs.pages, total, plan.seq_lens, settings, block_size)
+    return keep.flatten(0, 1).index_select(0, pairs)
 
 
 class _HeadViews:

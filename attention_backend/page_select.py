@@ -81,29 +81,29 @@ def select_blocks(
 
 
 def key_dim_masses(
-    q: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, dims: int
+    q: Tensor, kv_heads: Tensor, key_cache: Tensor, block_table: Tensor, seq_lens: Tensor, dims: int
 ) -> tuple[PageMasses, Tensor]:
-    """SparQ's first step as page masses: partial scores of every key of each row on the `dims`
-    key dimensions where its KV group's queries are largest (summed |q| over the group), read
-    from the CPU-layout cache (dims / D of the keys). q [B, Hkv, G, D] scaled queries. Returns
-    the per-block log-mass [B, Hkv, G, nb] and each head's log-mass over its whole row [B, Hq]."""
-    batch, num_kv_heads, group, head_dim = q.shape
-    num_blocks_total, _, block_size, _ = key_cache.shape
+    """SparQ's first step as page masses, for N (row, KV head) pairs: partial scores of every key
+    of the pair's row on the `dims` key dimensions where its group's queries are largest (summed
+    |q| over the group), read from the CPU-layout cache (dims / D of the keys). q [N, G, D]
+    scaled queries, kv_heads [N], block_table [N, >= nb] and seq_lens [N] of the pairs' rows.
+    Returns the per-block log-mass [N, 1, G, nb] and each head's log-mass over its row [N, G]."""
+    pairs, group, head_dim = q.shape
+    num_blocks_total, num_kv_heads, block_size, _ = key_cache.shape
     lengths = seq_lens.long()
     num_blocks = int((lengths.max() - 1) // block_size) + 1
     k = torch.arange(num_blocks, device=q.device)
     owned = k < ((lengths - 1) // block_size + 1).unsqueeze(1)
     table = torch.where(owned, block_table[:, :num_blocks].long(), 0)  # padding reads block 0, masked
-    top = q.abs().sum(2).topk(min(dims, head_dim), -1).indices  # [B, Hkv, r]
+    top = q.abs().sum(1).topk(min(dims, head_dim), -1).indices  # [N, r]
     columns = key_cache.view(num_blocks_total, num_kv_heads, head_dim, block_size)  # K^T per block
-    heads = torch.arange(num_kv_heads, device=q.device).view(1, 1, -1, 1)
-    keys = columns[table[:, :, None, None], heads, top.unsqueeze(1)].float()  # [B, nb, Hkv, r, bs]
-    q_top = q.gather(-1, top.unsqueeze(2).expand(-1, -1, group, -1))  # [B, Hkv, G, r]
-    scores = torch.einsum("bhgr,bkhrs->bhgks", q_top.float(), keys)  # [B, Hkv, G, nb, bs]
+    keys = columns[table.unsqueeze(-1), kv_heads.long().view(-1, 1, 1), top.unsqueeze(1)]  # [N, nb, r, bs]
+    q_top = q.gather(-1, top.unsqueeze(1).expand(-1, group, -1))  # [N, G, r]
+    scores = torch.einsum("ngr,nkrs->ngks", q_top.float(), keys.float())  # [N, G, nb, bs]
     positions = k.view(-1, 1) * block_size + torch.arange(block_size, device=q.device)
-    scores = scores.masked_fill(positions >= lengths.view(-1, 1, 1, 1, 1), -math.inf)
+    scores = scores.masked_fill(positions >= lengths.view(-1, 1, 1, 1), -math.inf)
     block_lse = scores.logsumexp(-1)
-    return PageMasses(block_lse, k.expand(batch, -1)), block_lse.logsumexp(-1).flatten(1)
+    return PageMasses(block_lse.unsqueeze(1), k.expand(pairs, -1)), block_lse.logsumexp(-1)
 
 
 def selected_tables(keep: Tensor, tables: Tensor, seq_lens: Tensor, block_size: int) -> tuple[Tensor, Tensor]:

@@ -126,7 +126,7 @@ class RequestLog:
         resumed request decodes again were recorded the first time, and are skipped."""
         self.num_heads = step.num_heads
         observed = step.oracle_heads is not None
-        read = step.tokens_read().sum((1, 2)) * step.token_bytes  # [rows]
+        read = step.bytes_read().sum((1, 2))  # [rows]
         full = step.seq_lens * len(step.layers) * step.num_kv_heads * step.token_bytes
         for row, (req_id, key) in enumerate(zip(step.req_ids, keys, strict=True)):
             if step.replayed and step.replayed[row]:  # recorded when it was first decoded

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 FAMILIES = (
@@ -82,6 +83,38 @@ def plot_curves(summary: dict, protocol: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+SELECTION = re.compile(r"-(k|p)\d+$")  # page-selection families: ...-k4 (top-k), ...-p05 (top-p)
+
+
+def plot_bytes(summary: dict, protocol: str, path: Path) -> bool:
+    """Accuracy vs the share of full attention's decode KV bytes read, one line per page
+    selector (its budgets), points for the rest; False (nothing drawn) without page selection."""
+    entries = [e for e in summary["settings"] if e["protocol"] == protocol and "kv_read_fraction" in e]
+    if not any(SELECTION.search(e["family"]) for e in entries):
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    lines: dict[str, list] = {}
+    for e in entries:
+        lines.setdefault(re.sub(r"\d+$", "", e["family"]), []).append(e)
+    for name, items in sorted(lines.items()):
+        items.sort(key=lambda e: e["kv_read_fraction"])
+        xs, ys = [e["kv_read_fraction"] for e in items], [e["accuracy"] for e in items]
+        ax.plot(xs, ys, "o-" if len(items) > 1 else "s", label=name.rstrip("-"))
+        for e in items:
+            ax.annotate(e["family"].rsplit("-", 1)[-1], (e["kv_read_fraction"], e["accuracy"]), fontsize=7)
+    ax.set_xlabel("decode KV bytes read (share of full attention's)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_xlim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title(f"{summary['model']}: accuracy vs KV bytes read ({protocol} protocol)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_heads(summary: dict, path: Path) -> None:
@@ -216,6 +249,8 @@ def write_report(runs: list[Path], docs: Path, notes: Path | None = None) -> Pat
                 "",
                 *_equal_sparsity(summary, protocol),
             ]
+            if plot_bytes(summary, protocol, images / f"{slug}-{protocol}-bytes.png"):
+                out += [f"![accuracy vs KV bytes read](img/results/{slug}-{protocol}-bytes.png)", ""]
     out += ["Earlier runs (the old default, `prompt` statistics): [results-earlier.md](results-earlier.md)."]
     path = docs / "results.md"
     path.write_text("\n".join(out) + "\n")

@@ -56,6 +56,21 @@ TAU_FAMILIES = {
         for name, policy in PAGE_SELECTORS.items()
         for k in (2, 4, 8, 16)
     },
+    # ranked by partial scores on r key dimensions (SparQ) instead of the page estimates
+    **{
+        f"qada-pages32-r{r}-k{k}": {**PAGE_SELECTORS["qada-pages32"], "page_rank_dims": r, "page_top_k": k}
+        for r in (8, 16)
+        for k in (2, 4, 8)
+    },
+    **{
+        f"qada-pages32-r{r}-p{budget * 100:02.0f}": {
+            **PAGE_SELECTORS["qada-pages32"],
+            "page_rank_dims": r,
+            "page_budget": budget,
+        }
+        for r in (8, 16)
+        for budget in (0.05, 0.1, 0.2)
+    },
 }
 MASK_FAMILIES = ("static-oracle", "static-retrieval", "random")  # swept over the local share
 DEFAULT_FAMILIES = ("oracle", "qada-pages32", "qada-prompt", "qada-local", "qada-calib", *MASK_FAMILIES)

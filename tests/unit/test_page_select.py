@@ -221,6 +221,9 @@ def test_bytes_and_blocks_are_counted_from_the_blocks_read() -> None:
     log.add(decisions, ["a", "b"])
     assert log.request("a")["kv_bytes"] == {"read": 440 * 4, "skipped": (2000 - 440) * 4}
     assert log.request("b")["kv_bytes"] == {"read": 380 * 4, "skipped": (600 - 380) * 4}
+    # ranked by 2 key dimensions of 4 bytes: the tokens row 0's long group skipped were read at 8 bytes
+    decisions.rank_bytes = 8
+    assert decisions.bytes_read().tolist() == [[[360 * 4 + 640 * 8, 80 * 4]], [[80 * 4, 300 * 4]]]
 
 
 @pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
@@ -262,16 +265,24 @@ def test_key_dim_masses_are_partial_scores_on_the_groups_largest_query_dimension
     rows, num_heads, head_dim = case.query.shape
     group = num_heads // case.num_kv_heads
     q = (case.query * case.scale).view(rows, case.num_kv_heads, group, head_dim)
-    masses, total = key_dim_masses(q, case.key_cache, case.block_table, case.seq_lens, dims=8)
-    for b, length in enumerate(case.seq_lens.tolist()):
-        for h in range(case.num_kv_heads):
-            dims = q[b, h].abs().sum(0).topk(8).indices
-            keys = case.keys[b][:, h, dims].float()  # [L, r]
-            scores = q[b, h][:, dims] @ keys.T  # [G, L]
-            torch.testing.assert_close(total[b, h * group : (h + 1) * group], scores.logsumexp(-1))
-            for k in range(-(-length // BS)):
-                block = scores[:, k * BS : (k + 1) * BS].logsumexp(-1)
-                torch.testing.assert_close(masses.logits[b, h, :, k], block)
+    pairs = torch.tensor([0, 2, 4, 5, 7, 9, 11])  # (row, KV head) = (p // 3, p % 3)
+    masses, total = key_dim_masses(
+        q.flatten(0, 1)[pairs],
+        pairs % 3,
+        case.key_cache,
+        case.block_table[pairs // 3],
+        case.seq_lens[pairs // 3],
+        8,
+    )
+    for i, (b, h) in enumerate(zip((pairs // 3).tolist(), (pairs % 3).tolist())):
+        dims = q[b, h].abs().sum(0).topk(8).indices
+        keys = case.keys[b][:, h, dims].float()  # [L, r]
+        scores = q[b, h][:, dims] @ keys.T  # [G, L]
+        torch.testing.assert_close(total[i], scores.logsumexp(-1))
+        for k in range(-(-int(case.seq_lens[b]) // BS)):
+            torch.testing.assert_close(
+                masses.logits[i, 0, :, k], scores[:, k * BS : (k + 1) * BS].logsumexp(-1)
+            )
 
 
 def test_key_dim_ranking_reads_only_the_values_of_the_selected_blocks() -> None:
@@ -281,8 +292,17 @@ def test_key_dim_ranking_reads_only_the_values_of_the_selected_blocks() -> None:
     rows, num_heads, head_dim = case.query.shape
     group = num_heads // case.num_kv_heads
     q = (case.query * case.scale).view(rows, case.num_kv_heads, group, head_dim)
-    masses, total = key_dim_masses(q, case.key_cache, case.block_table, case.seq_lens, dims=8)
-    keep = select_blocks(masses, total, case.seq_lens, cfg, BS)
+    pairs = torch.arange(rows * case.num_kv_heads)
+    row_of = pairs // case.num_kv_heads
+    masses, total = key_dim_masses(
+        q.flatten(0, 1),
+        pairs % case.num_kv_heads,
+        case.key_cache,
+        case.block_table[row_of],
+        case.seq_lens[row_of],
+        8,
+    )
+    keep = select_blocks(masses, total, case.seq_lens[row_of], cfg, BS).view(rows, case.num_kv_heads, -1)
     for b, length in enumerate(case.seq_lens.tolist()):
         for h in range(case.num_kv_heads):
             for k in range(-(-length // BS)):
