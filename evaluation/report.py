@@ -98,13 +98,14 @@ def plot_bytes(summary: dict, protocol: str, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 5))
     lines: dict[str, list] = {}
     for e in entries:
-        lines.setdefault(re.sub(r"\d+$", "", e["family"]), []).append(e)
+        lines.setdefault(SELECTION.sub(r"-\1", e["family"]), []).append(e)  # a selector's budgets
     for name, items in sorted(lines.items()):
         items.sort(key=lambda e: e["kv_read_fraction"])
         xs, ys = [e["kv_read_fraction"] for e in items], [e["accuracy"] for e in items]
         ax.plot(xs, ys, "o-" if len(items) > 1 else "s", label=name.rstrip("-"))
         for e in items:
-            ax.annotate(e["family"].rsplit("-", 1)[-1], (e["kv_read_fraction"], e["accuracy"]), fontsize=7)
+            label = e["family"].rsplit("-", 1)[-1] if SELECTION.search(e["family"]) else e["setting"]
+            ax.annotate(label, (e["kv_read_fraction"], e["accuracy"]), fontsize=7)
     ax.set_xlabel("decode KV bytes read (share of full attention's)")
     ax.set_ylabel("exact-match accuracy")
     ax.set_xlim(0, 1.02)
