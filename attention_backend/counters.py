@@ -13,6 +13,7 @@ from torch import Tensor
 
 from . import metrics
 from .context import StepDecisions
+from .ranks import LAYER_SUMS
 
 
 class DecisionCounters:
@@ -22,15 +23,7 @@ class DecisionCounters:
     and skipped. With `observe`, also per (layer, query head): rows observed, and how
     often the oracle, the policy, and both said long."""
 
-    FIELDS = (
-        "rows",
-        "long_heads",
-        "long_groups",
-        "kv_bytes_read",
-        "kv_bytes_skipped",
-        "kv_blocks_read",
-        "kv_blocks_skipped",
-    )
+    FIELDS = ("rows", *LAYER_SUMS)
 
     def __init__(self) -> None:
         self.num_heads = 0

@@ -114,6 +114,7 @@ def merge_same(answers: list[dict]) -> dict:
     return first
 
 
+# the per-layer counts that add up across ranks (`DecisionCounters.FIELDS` is rows and these)
 LAYER_SUMS = (
     "long_heads",
     "long_groups",
