@@ -315,7 +315,7 @@ class QadaImplMixin:
         if stock_step or not rows.decided:
             if not stock_step:
                 output[rows.token_index] = self._read_everything(batch).view(shape)
-            decisions = reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads)
+            decisions = (*reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads), None)
         else:
             inputs = ctx.policy.layer_inputs(layer, len(rows), self.num_heads, query.device)
             if rows.moments is not None:
@@ -329,12 +329,12 @@ class QadaImplMixin:
             output[rows.token_index] = result.output.view(shape)
             decisions = result.long_heads, result.long_groups, result.kept_blocks
             if rows.reads_all is not None:  # as if alone in the step: read in full
-                decisions = self._read_short_rows(batch, rows, output, decisions)
+                decisions = self._read_short_rows(batch, kv_cache, rows, output, decisions)
         observation = None
         if settings.observe:  # evaluation only: the exact scores of every key
             exact = exact_lse(self.layout, batch, rows.seq_lens_cpu.tolist(), settings)
             observation = exact.observe(settings.logit_tau)
-        heads, groups, *kept = decisions
+        heads, groups, kept = decisions
         ctx.decisions.append(
             LayerDecisions(
                 layer,
@@ -345,16 +345,19 @@ class QadaImplMixin:
                 token_bytes=2 * self.head_size * kv_cache.element_size(),
                 observation=observation,
                 replayed=rows.replayed,
-                kept_blocks=kept[0] if kept else None,
-                block_size=self.layout.block_size(batch.key_cache) if kept and kept[0] is not None else 0,
-                rank_bytes=min(settings.page_rank_dims, self.head_size) * kv_cache.element_size()
-                if settings.selects_pages
-                else 0,
+                kept_blocks=kept,
+                block_size=0 if kept is None else self._block_size(kv_cache),
+                rank_bytes=min(settings.page_rank_dims, self.head_size) * kv_cache.element_size(),
             )
         )
 
     def _read_short_rows(
-        self, batch: DecodeBatch, rows: DecodeRows, output: Tensor, decisions: tuple
+        self,
+        batch: DecodeBatch,
+        kv_cache: Tensor,
+        rows: DecodeRows,
+        output: Tensor,
+        decisions: tuple[Tensor, Tensor, Tensor | None],
     ) -> tuple[Tensor, Tensor, Tensor | None]:
         """The rows of a decided step whose bulk is below min_bulk, read in full (their outputs
         overwrite the decided ones) and counted long wherever they have a bulk."""
@@ -363,17 +366,24 @@ class QadaImplMixin:
             query=batch.query[idx], block_table=batch.block_table[idx], seq_lens=batch.seq_lens[idx]
         )
         output[tokens] = self._read_everything(sub).view(len(idx), *output.shape[1:]).to(output.dtype)
-        heads, groups = (d.clone() for d in decisions[:2])
+        heads, groups, kept = decisions
+        heads, groups = heads.clone(), groups.clone()
         full_heads, full_groups = reads_everything(
             rows.n_bulk[rows.reads_all], self.num_heads, self.num_kv_heads
         )
         heads[idx], groups[idx] = full_heads.to(heads.device), full_groups.to(groups.device)
-        kept = decisions[2]
         if kept is not None:  # every block of theirs
-            block_size = self.layout.block_size(batch.key_cache)
             kept = kept.clone()
-            kept[idx] = ((batch.seq_lens[idx].long() - 1) // block_size + 1).unsqueeze(1).to(kept.device)
+            kept[idx] = self._all_blocks(sub.seq_lens, kv_cache).to(kept.device)
         return heads, groups, kept
+
+    def _block_size(self, kv_cache: Tensor) -> int:
+        return self.layout.block_size(self._caches(kv_cache)[0])
+
+    def _all_blocks(self, seq_lens: Tensor, kv_cache: Tensor) -> Tensor:
+        """[B, Hkv] int64: every KV block of each row, for each KV group (a read in full)."""
+        blocks = (seq_lens.long() - 1) // self._block_size(kv_cache) + 1
+        return blocks.unsqueeze(1).expand(-1, self.num_kv_heads)
 
     def _layer_index(self, layer) -> int:
         if self._qada_layer_index is None:  # the layer's name is known only at forward

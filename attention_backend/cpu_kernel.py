@@ -203,24 +203,28 @@ def paged_decode(
 
 
 def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs) -> Tensor:
-    """Bool [pairs, nb]: the KV blocks each long (row, KV head) pair reads (`page_select`)."""
+    """Bool [pairs, nb]: the KV blocks each long (row, KV head) pair reads (`page_select`),
+    ranked for those pairs only, each as a row with one KV head."""
     _, num_kv_heads, group, head_dim = q.shape
-    block_size = plan.block_size
-    if settings.page_rank_dims:  # partial key scores, for the long pairs only
-        row = pairs // num_kv_heads
+    row = pairs // num_kv_heads
+    seq_lens = plan.seq_lens.index_select(0, row)
+    if settings.page_rank_dims:  # partial key scores
         masses, total = key_dim_masses(
             q.reshape(-1, group, head_dim).index_select(0, pairs),
             pairs % num_kv_heads,
             batch.key_cache,
             batch.block_table.index_select(0, row),
-            plan.seq_lens.index_select(0, row),
+            seq_lens,
             settings.page_rank_dims,
         )
-        return select_blocks(masses, total, plan.seq_lens.index_select(0, row), settings, block_size)[:, 0]
-    bulk = inputs.bulk_lse if bulk_lse is None else bulk_lse  # the oracle's exact, else estimated
-    total = torch.logaddexp(local_lse.flatten(1), bulk)
-    keep = select_blocks(inputs.pages, total, plan.seq_lens, settings, block_size)
-    return keep.flatten(0, 1).index_select(0, pairs)
+    else:  # the page estimates, or the oracle's exact block masses
+        bulk = inputs.bulk_lse if bulk_lse is None else bulk_lse
+        total = torch.logaddexp(local_lse.flatten(1), bulk).view(-1, group).index_select(0, pairs)
+        logits, blocks = inputs.pages
+        masses = PageMasses(
+            logits.flatten(0, 1).index_select(0, pairs).unsqueeze(1), blocks.index_select(0, row)
+        )
+    return select_blocks(masses, total, seq_lens, settings, plan.block_size)[:, 0]
 
 
 class _HeadViews:

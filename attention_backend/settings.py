@@ -67,10 +67,9 @@ class QadaSettings(BaseModel):
         ge=0,
         lt=1,
         description="page selection (qada with page statistics, or oracle: exact masses; CPU): a "
-        "long KV group reads, "
-        "besides its sink and window blocks, only the bulk KV blocks with the highest estimated "
-        "mass, the fewest that leave at most this estimated share of each of its heads' softmax "
-        "mass unread; 0 reads the whole context",
+        "long KV group reads, besides its sink and window blocks, only the bulk KV blocks with the "
+        "highest estimated mass, the fewest that leave at most this estimated share of each of its "
+        "heads' softmax mass unread; 0 reads the whole context",
     )
     page_top_k: int = Field(
         0,
