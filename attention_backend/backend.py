@@ -315,7 +315,8 @@ class QadaImplMixin:
         if stock_step or not rows.decided:
             if not stock_step:
                 output[rows.token_index] = self._read_everything(batch).view(shape)
-            decisions = (*reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads), None)
+            everything = self._all_blocks(rows.seq_lens, kv_cache) if settings.selects_pages else None
+            decisions = (*reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads), everything)
         else:
             inputs = ctx.policy.layer_inputs(layer, len(rows), self.num_heads, query.device)
             if rows.moments is not None:

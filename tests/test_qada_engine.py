@@ -286,6 +286,17 @@ def test_page_selection_reads_the_selected_blocks_and_counts_them(qada_server, q
     assert 6 * long <= blocks["read"] <= 7 * long and blocks["skipped"] > 3 * blocks["read"]
     print(f"\npage selection: KV bytes read {kv['read'] / head_kv['read']:.3f} of the head decision's")
     assert kv["read"] < 0.4 * head_kv["read"]
+    # a step that is not decided (min_bulk) reads every block of every long group, and says so
+    set_policy(qada_server, policy="qada", page_top_k=4, min_bulk=10**4)
+    before = stats(qada_server)
+    reply = greedy(qada_client, text[:3000], 4, stats=True)
+    after = stats(qada_server)
+    blocks = {k: after["kv_blocks_of_long_groups"][k] - before["kv_blocks_of_long_groups"][k] for k in kv}
+    long = after["kv_group_decisions"]["long"] - before["kv_group_decisions"]["long"]
+    usage = reply.model_dump()["usage"]
+    per_group = -(-(usage["prompt_tokens"] + 1) // 128)  # the steps stay in the same block or one more
+    assert long == 3 * 30 * 3 and blocks["skipped"] == 0
+    assert long * per_group <= blocks["read"] <= long * (per_group + 1)
 
 
 def test_per_request_stats_add_up_to_the_global_counters(qada_server, qada_client):
