@@ -30,6 +30,7 @@ from .context import NO_WORKER, LayerDecisions, StepContext, get_step_context
 from .kv_layout import KVLayout
 from .moments import MomentStep
 from .page_estimate import PagePlan, bulk_lse_and_pages, plan_pages
+from .page_select import rank_layer_blocks
 from .page_summaries import PageSummaries
 from .policy import DecodeBatch, DecodeResult, PolicyInputs, bulk_sizes, reads_everything
 from .reference import exact_lse
@@ -63,6 +64,7 @@ class DecodeRows:
     plan: Any = None  # the backend's decode plan for the step (CPU: cpu_kernel.DecodePlan)
     moments: MomentStep | None = None  # the step's key-moment update (qada/prompt)
     pages: PagePlan | None = None  # the bulk pages of its rows (qada/pages)
+    rank_blocks: Tensor | None = None  # page_rank_layers: the last rank layer's blocks [n, nb]
 
     def __len__(self) -> int:
         return len(self.req_ids)
@@ -317,6 +319,13 @@ class QadaImplMixin:
                 output[rows.token_index] = self._read_everything(batch).view(shape)
             everything = self._all_blocks(rows.seq_lens, kv_cache) if settings.selects_pages else None
             decisions = (*reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads), everything)
+        elif layer in settings.page_rank_layers:  # reads everything, ranks for the layers after it
+            output[rows.token_index] = self._read_everything(batch).view(shape)
+            rows.rank_blocks = rank_layer_blocks(
+                self.layout, batch, rows.seq_lens_cpu.tolist(), settings, self._block_size(kv_cache)
+            )
+            everything = self._all_blocks(rows.seq_lens, kv_cache)
+            decisions = (*reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads), everything)
         else:
             inputs = ctx.policy.layer_inputs(layer, len(rows), self.num_heads, query.device)
             if rows.moments is not None:
@@ -326,6 +335,8 @@ class QadaImplMixin:
                 stats = ctx.pages.layer(layer, self.layout, batch.key_cache)
                 bulk_lse, pages = bulk_lse_and_pages(self.layout, batch, stats, rows.pages)
                 inputs = inputs._replace(bulk_lse=bulk_lse, pages=pages if settings.selects_pages else None)
+            if settings.page_rank_layers:
+                inputs = inputs._replace(blocks=rows.rank_blocks)
             result = self._attend(batch, rows, settings, inputs)
             output[rows.token_index] = result.output.view(shape)
             decisions = result.long_heads, result.long_groups, result.kept_blocks

@@ -208,6 +208,11 @@ def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs) -> Ten
     _, num_kv_heads, group, head_dim = q.shape
     row = pairs // num_kv_heads
     seq_lens = plan.seq_lens.index_select(0, row)
+    if settings.page_rank_layers:  # a rank layer's choice per row; before the first, every block
+        if inputs.blocks is not None:
+            return inputs.blocks.index_select(0, row)
+        last = (seq_lens - 1) // plan.block_size
+        return torch.arange(int(last.max()) + 1) <= last.unsqueeze(1)
     if settings.page_rank_dims:  # partial key scores
         masses, total = key_dim_masses(
             q.reshape(-1, group, head_dim).index_select(0, pairs),

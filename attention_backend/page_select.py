@@ -9,7 +9,9 @@ With `page_top_k` (as Quest), it reads its k candidates of highest such share. M
 page estimates (`page_estimate.PageMasses`), pooled per block, with a head's total its exact
 local mass plus its estimated bulk mass (a share is what the head decision thresholds, per
 block); or, with `page_rank_dims`, SparQ's partial scores on the key dimensions where the group's
-queries are largest, read from the cache (`key_dim_masses`); or the oracle's exact masses.
+queries are largest, read from the cache (`key_dim_masses`); or the oracle's exact masses; or,
+with `page_rank_layers`, once per row in a rank layer, from the exact masses of all its heads
+there (`rank_layer_blocks`), the layers after it reading the same blocks in every long group.
 
 Blocks are vLLM's KV blocks (128 tokens on CPU): the unit the stock kernel reads through a
 block table (`cpu_kernel`), so a selection is read at the stock kernel's speed.
@@ -24,8 +26,11 @@ import torch
 from torch import Tensor
 
 from .page_estimate import PageMasses
+from .reference import exact_lse
 
 if TYPE_CHECKING:
+    from .kv_layout import KVLayout
+    from .policy import DecodeBatch
     from .settings import QadaSettings
 
 
@@ -78,6 +83,21 @@ def select_blocks(
     selected = order.argsort(-1) < take.unsqueeze(-1)
     within = torch.arange(num_blocks, device=lengths.device) <= last.unsqueeze(1)
     return (selected & candidates.unsqueeze(1)) | (within & ~candidates).unsqueeze(1)
+
+
+def rank_layer_blocks(
+    layout: KVLayout, batch: DecodeBatch, seq_lens: list[int], settings: QadaSettings, block_size: int
+) -> Tensor:
+    """Bool [B, nb]: the blocks each row's long groups read in the layers after a rank layer,
+    chosen by `select_blocks` from the exact block masses of all the row's query heads in it, as
+    one group (a block's rank is the largest share any head gives it)."""
+    exact = exact_lse(layout, batch, seq_lens, settings, block_size)
+    rows, _, num_blocks = exact.blocks.shape
+    blocks = torch.arange(num_blocks, device=exact.blocks.device).expand(rows, -1)
+    masses = PageMasses(exact.blocks.unsqueeze(1), blocks)
+    total = torch.logaddexp(exact.local, exact.bulk)
+    lengths = torch.tensor(seq_lens, device=exact.blocks.device)
+    return select_blocks(masses, total, lengths, settings, block_size)[:, 0]
 
 
 def key_dim_masses(

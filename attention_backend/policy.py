@@ -68,6 +68,7 @@ class PolicyInputs(NamedTuple):
     long_mask: Tensor | None = None
     bulk_lse: Tensor | None = None
     pages: PageMasses | None = None  # with page selection: what it ranks
+    blocks: Tensor | None = None  # with page_rank_layers: bool [B, nb], the blocks a rank layer chose
 
     def to_cpu(self) -> PolicyInputs:
         return PolicyInputs(
@@ -76,6 +77,7 @@ class PolicyInputs(NamedTuple):
             None if self.long_mask is None else self.long_mask.cpu(),
             None if self.bulk_lse is None else self.bulk_lse.cpu(),
             None if self.pages is None else type(self.pages)(*(t.cpu() for t in self.pages)),
+            None if self.blocks is None else self.blocks.cpu(),
         )
 
 

@@ -72,6 +72,8 @@ class ModelShape:
                 f"t_sink + t_local must be below max_model_len ({self.max_model_len}), "
                 f"got {settings.t_sink} + {settings.t_local}"
             )
+        if any(layer >= self.num_layers for layer in settings.page_rank_layers):
+            raise PolicyError(f"page_rank_layers must name layers below {self.num_layers}")
         if settings.decode_tail > self.max_model_len:
             raise PolicyError(f"decode_tail must be at most max_model_len ({self.max_model_len})")
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -86,6 +86,14 @@ class QadaSettings(BaseModel):
         "(those where the group's queries are largest, as SparQ), read from the cache, instead of "
         "by the page statistics; 0: by the page statistics",
     )
+    page_rank_layers: tuple[Annotated[int, Field(ge=0, le=4096)], ...] = Field(
+        (),
+        max_length=64,
+        description="page selection ranks KV blocks in these layers (as TidalDecode's selection "
+        "layers): such a layer reads every KV group in full and ranks each row's blocks by the "
+        "largest exact share of mass any of its heads gives them; the layers after it, until the "
+        "next, read that row's selected blocks in their long groups (before the first: all blocks)",
+    )
     random_fraction: float = Field(0.5, ge=0, le=1, description="long share of heads for random")
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the random policy's draws")
     min_bulk: int = Field(
@@ -125,7 +133,16 @@ class QadaSettings(BaseModel):
             raise ValueError(
                 "page_rank_dims ranks the blocks of page selection: set page_budget or page_top_k"
             )
-        ranks = self.needs_pages or self.policy == "oracle" or (self.policy == "qada" and self.page_rank_dims)
+        if self.page_rank_layers and not (selects and self.policy == "qada" and not self.page_rank_dims):
+            raise ValueError(
+                "page_rank_layers ranks the blocks of page selection (policy qada, without "
+                "page_rank_dims): set page_budget or page_top_k"
+            )
+        ranks = (
+            self.needs_pages
+            or self.policy == "oracle"
+            or (self.policy == "qada" and (self.page_rank_dims or self.page_rank_layers))
+        )
         if selects and not ranks:
             raise ValueError(
                 "page selection ranks KV blocks by the page estimates (policy qada with stats pages "

@@ -343,7 +343,7 @@ def qada_decode(
                   else default_splits(batch, num_kv_heads, dev, tile=tile))
     dummy = seq_lens
     mask, stride_mb, stride_mh = dummy, 0, 0
-    moments, calib, long_mask, bulk_lse, _ = inputs  # pages: no page selection on GPU yet
+    moments, calib, long_mask, bulk_lse = inputs[:4]  # pages, blocks: no page selection on GPU yet
     bulk = dummy
     if code == QADA_PAGES.value:
         if bulk_lse is None:

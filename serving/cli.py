@@ -118,6 +118,8 @@ def _add_attention_flags(parser: argparse.ArgumentParser) -> None:
             kwargs.update(choices=choices, metavar=None)
         elif field.annotation is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, metavar=None)
+        elif get_origin(field.annotation) is tuple:  # layer lists: `--page-rank-layers 2 15`
+            kwargs.update(nargs="*", type=int)
         else:
             kwargs["type"] = next(
                 t for t in (int, float, str) if t in (field.annotation, *get_args(field.annotation))

@@ -142,6 +142,11 @@ def test_attention_settings_are_one_model_for_file_flags_and_worker():
     assert cfg.attention.settings() == QadaSettings(policy="local", t_local=64, min_bulk=10, observe=True)
     flags = build_parser()._subparsers._group_actions[0].choices["serve"]._option_string_actions
     assert all("--" + name.replace("_", "-") in flags for name in QadaSettings.model_fields)
+    config = ["--config", str(CONFIGS / "smollm2-cpu.yaml")]
+    layers = build_parser().parse_args(
+        ["serve", *config, "--policy", "qada", "--page-top-k", "8", "--page-rank-layers", "2", "15"]
+    )
+    assert serve_config(layers).attention.settings().page_rank_layers == (2, 15)  # a list flag
     with pytest.raises(SystemExit):  # argparse's own error for a value outside the choices
         build_parser().parse_args(["serve", "--stats", "magic"])
     qada = json.loads(

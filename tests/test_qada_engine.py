@@ -286,6 +286,28 @@ def test_page_selection_reads_the_selected_blocks_and_counts_them(qada_server, q
     assert 6 * long <= blocks["read"] <= 7 * long and blocks["skipped"] > 3 * blocks["read"]
     print(f"\npage selection: KV bytes read {kv['read'] / head_kv['read']:.3f} of the head decision's")
     assert kv["read"] < 0.4 * head_kv["read"]
+    # rank layers (2, 15): each reads everything and chooses its row's blocks for the layers after
+    # it; the layers before the first read every block of their long groups
+    set_policy(qada_server, policy="qada", page_top_k=4, page_rank_layers=[2, 15], min_bulk=0)
+    before = stats(qada_server)
+    reply = greedy(qada_client, prompt, 8, ignore_eos=False, stats=True)
+    after = stats(qada_server)
+    layer = {
+        n: {
+            k: after["layers"][str(n)][k] - before["layers"].get(str(n), {}).get(k, 0)
+            for k in after["layers"][str(n)]
+        }
+        for n in range(30)
+    }
+    steps = reply.usage.completion_tokens - 1
+    print(f"rank layers 2, 15, top-4: {reply.choices[0].text!r}")
+    for n in (2, 15):
+        assert layer[n]["rows"] == steps and layer[n]["long_groups"] == 3 * steps
+        assert layer[n]["kv_bytes_skipped"] == 0 and layer[n]["kv_blocks_skipped"] == 0
+    assert all(layer[n]["kv_blocks_skipped"] == 0 for n in (0, 1))
+    for n in (*range(3, 15), *range(16, 30)):  # a long group reads its sink, window and 4 blocks
+        assert layer[n]["kv_blocks_read"] <= 7 * layer[n]["long_groups"]
+        assert layer[n]["kv_blocks_skipped"] >= 25 * layer[n]["long_groups"]  # of 32 or 33
     # a step that is not decided (min_bulk) reads every block of every long group, and says so
     set_policy(qada_server, policy="qada", page_top_k=4, min_bulk=10**4)
     before = stats(qada_server)

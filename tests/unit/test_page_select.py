@@ -12,7 +12,7 @@ from attention_backend.context import StepDecisions
 from attention_backend.counters import DecisionCounters
 from attention_backend.cpu_kernel import paged_decode
 from attention_backend.page_estimate import PageMasses
-from attention_backend.page_select import key_dim_masses, select_blocks
+from attention_backend.page_select import key_dim_masses, rank_layer_blocks, select_blocks
 from attention_backend.policy import PolicyInputs
 from attention_backend.policy_files import PolicyError
 from attention_backend.request_log import RequestLog
@@ -144,6 +144,12 @@ def test_unselected_blocks_are_never_read_and_outputs_match(selection) -> None:
     poison_all_but(case, chosen)
     result = paged_decode(case.batch(), cfg, inputs)
     assert result.long_groups.any() and (~result.long_groups).any()
+    assert_read_only(case, result, chosen)
+
+
+def assert_read_only(case: PagedCase, result, chosen: list[list[set[int]]]) -> None:
+    """Outputs finite and equal to a masked SDPA: long groups over their chosen blocks, local
+    groups over their sinks and window; kept counts those blocks."""
     assert torch.isfinite(result.output).all()
     group = case.query.shape[1] // case.num_kv_heads
     for b, length in enumerate(case.seq_lens.tolist()):
@@ -187,6 +193,12 @@ def test_settings_refuse_what_cannot_select() -> None:
     assert QadaSettings(policy="qada", stats="prompt", page_top_k=4, page_rank_dims=8).selects_pages
     with pytest.raises(ValueError, match="set page_budget or page_top_k"):
         settings(page_rank_dims=8)
+    with pytest.raises(ValueError, match="page_rank_layers ranks"):
+        settings(page_rank_layers=(0,))
+    with pytest.raises(ValueError, match="page_rank_layers ranks"):
+        settings(page_top_k=2, page_rank_dims=8, page_rank_layers=(0,))
+    with pytest.raises(PolicyError, match="layers below"):
+        TEST_SHAPE.check(settings(page_top_k=2, page_rank_layers=(0, TEST_SHAPE.num_layers)))
 
 
 def test_page_selection_is_refused_off_the_cpu_path() -> None:
@@ -318,3 +330,36 @@ def test_key_dim_ranking_reads_only_the_values_of_the_selected_blocks() -> None:
                 mask[h * group : (h + 1) * group] = read
                 assert int(result.kept_blocks[b, h]) == int(keep[b, h].sum())
         torch.testing.assert_close(result.output[b], sdpa_row(case, b, mask), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
+def test_a_rank_layer_chooses_each_rows_blocks_and_later_layers_read_only_them(selection) -> None:
+    """page_rank_layers: the rank layer's choice is the row's candidates ranked by the largest
+    exact share any of its query heads gives them (all heads as one group); a later layer's long
+    groups all read exactly those blocks."""
+    case = sample_case(8)
+    cfg = settings(**selection, page_rank_layers=(0,)).replace(tau=0.95)
+    keep = rank_layer_blocks(case.layout, case.batch(), case.seq_lens.tolist(), cfg, BS)
+    chosen = []
+    for b, length in enumerate(case.seq_lens.tolist()):
+        scores = row_scores(case, b)  # [Hq, L]
+        total = scores.logsumexp(-1)
+        n_blocks = -(-length // BS)
+        candidates = [k for k in range(n_blocks) if k * BS >= T_SINK and (k + 1) * BS <= length - T_LOCAL]
+        share = {k: (scores[:, k * BS : (k + 1) * BS].logsumexp(-1) - total).exp() for k in candidates}
+        ranked = sorted(candidates, key=lambda k: (-float(share[k].max()), k))
+        if cfg.page_top_k:
+            take = min(cfg.page_top_k, len(ranked))
+        else:
+            take = 0
+            while take < len(ranked) and (sum(share[k] for k in ranked[take:]) > cfg.page_budget).any():
+                take += 1
+        expected = set(range(n_blocks)) - set(candidates) | set(ranked[:take])
+        assert set(keep[b].nonzero().flatten().tolist()) == expected, b
+        chosen.append([expected] * case.num_kv_heads)
+    assert any(len(c[0]) < -(-n // BS) for c, n in zip(chosen, case.seq_lens.tolist())), "nothing skipped"
+    inputs = policy_inputs(case, cfg)._replace(blocks=keep)
+    poison_all_but(case, chosen)
+    result = paged_decode(case.batch(), cfg, inputs)
+    assert result.long_groups.any() and (~result.long_groups).any()
+    assert_read_only(case, result, chosen)
