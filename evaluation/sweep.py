@@ -71,6 +71,25 @@ TAU_FAMILIES = {
         for r in (8, 16)
         for budget in (0.05, 0.1, 0.2)
     },
+    # ranked once per row in rank layers (TidalDecode), read in the layers after them
+    **{
+        f"qada-pages32-L{'_'.join(map(str, layers))}-{sel}": {
+            **PAGE_SELECTORS["qada-pages32"],
+            "page_rank_layers": list(layers),
+            **({"page_top_k": int(sel[1:])} if sel[0] == "k" else {"page_budget": int(sel[1:]) / 100}),
+        }
+        for layers in ((2, 15), (1, 10, 20), (0, 1, 15))
+        for sel in ("k4", "k8", "k16", "p05", "p10")
+    },
+    # diagnostics: every 2nd / 3rd layer ranks (SmolLM2's 30 layers), the others reuse its choice
+    **{
+        f"qada-pages32-Levery{step}-k8": {
+            **PAGE_SELECTORS["qada-pages32"],
+            "page_rank_layers": list(range(0, 30, step)),
+            "page_top_k": 8,
+        }
+        for step in (2, 3)
+    },
 }
 MASK_FAMILIES = ("static-oracle", "static-retrieval", "random")  # swept over the local share
 DEFAULT_FAMILIES = ("oracle", "qada-pages32", "qada-prompt", "qada-local", "qada-calib", *MASK_FAMILIES)
