@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import shlex
 import sys
 import time
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks import machine
 from evaluation.haystack import haystack_text, passkey_prompt
 from serving.models import prepare_model
 from serving.testing import API_KEY, REPO, Server, greedy_at_once
@@ -136,7 +136,7 @@ def main() -> None:
     if args.min_bulk is not None:
         qada += ["--set", f"attention.min_bulk={args.min_bulk}"]
     results = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": machine.describe(),
         "dtype": args.dtype,
         "new_tokens": args.new_tokens,
         "policy": args.policy,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from attention_backend.moments import fresh_moments
 from attention_backend.policy import PolicyInputs
 from attention_backend.settings import QadaSettings
 from attention_backend.testing.paged_cases import cache_views, make_case
+from benchmarks import machine
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,7 +153,7 @@ def main() -> None:
     out.write_text(
         json.dumps(
             dict(
-                machine=platform.processor() or platform.machine(),
+                machine=machine.describe(),
                 torch=torch.__version__,
                 reps=args.reps,
                 rows=rows,
