@@ -314,17 +314,15 @@ class QadaImplMixin:
             queries = query[rows.token_index]
             shape, queries = queries.shape, queries.view(len(rows), self.num_heads, self.head_size)
             batch = DecodeBatch(queries, *self._caches(kv_cache), rows.block_table, rows.seq_lens, self.scale)
-        if stock_step or not rows.decided:
+        rank_layer = rows.decided and not stock_step and layer in settings.page_rank_layers
+        if stock_step or not rows.decided or rank_layer:
             if not stock_step:
                 output[rows.token_index] = self._read_everything(batch).view(shape)
+            if rank_layer:  # reads everything, and ranks the blocks the layers after it read
+                rows.rank_blocks = rank_layer_blocks(
+                    self.layout, batch, rows.seq_lens_cpu.tolist(), settings, self._block_size(kv_cache)
+                )
             everything = self._all_blocks(rows.seq_lens, kv_cache) if settings.selects_pages else None
-            decisions = (*reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads), everything)
-        elif layer in settings.page_rank_layers:  # reads everything, ranks for the layers after it
-            output[rows.token_index] = self._read_everything(batch).view(shape)
-            rows.rank_blocks = rank_layer_blocks(
-                self.layout, batch, rows.seq_lens_cpu.tolist(), settings, self._block_size(kv_cache)
-            )
-            everything = self._all_blocks(rows.seq_lens, kv_cache)
             decisions = (*reads_everything(rows.n_bulk, self.num_heads, self.num_kv_heads), everything)
         else:
             inputs = ctx.policy.layer_inputs(layer, len(rows), self.num_heads, query.device)

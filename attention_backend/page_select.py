@@ -90,7 +90,8 @@ def rank_layer_blocks(
 ) -> Tensor:
     """Bool [B, nb]: the blocks each row's long groups read in the layers after a rank layer,
     chosen by `select_blocks` from the exact block masses of all the row's query heads in it, as
-    one group (a block's rank is the largest share any head gives it)."""
+    one group (a block's rank is the largest share any head gives it). The masses come from the
+    reference's row-by-row scores, as the oracle's: for measuring the choice, not for speed."""
     exact = exact_lse(layout, batch, seq_lens, settings, block_size)
     rows, _, num_blocks = exact.blocks.shape
     blocks = torch.arange(num_blocks, device=exact.blocks.device).expand(rows, -1)

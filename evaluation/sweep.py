@@ -73,13 +73,16 @@ TAU_FAMILIES = {
     },
     # ranked once per row in rank layers (TidalDecode), read in the layers after them
     **{
-        f"qada-pages32-L{'_'.join(map(str, layers))}-{sel}": {
+        f"qada-pages32-L{'_'.join(map(str, layers))}-{name}": {
             **PAGE_SELECTORS["qada-pages32"],
             "page_rank_layers": list(layers),
-            **({"page_top_k": int(sel[1:])} if sel[0] == "k" else {"page_budget": int(sel[1:]) / 100}),
+            **selection,
         }
         for layers in ((2, 15), (1, 10, 20), (0, 1, 15))
-        for sel in ("k4", "k8", "k16", "p05", "p10")
+        for name, selection in {
+            **{f"k{k}": {"page_top_k": k} for k in (4, 8, 16)},
+            **{f"p{budget * 100:02.0f}": {"page_budget": budget} for budget in (0.05, 0.1)},
+        }.items()
     },
     # diagnostics: every 2nd / 3rd layer ranks (SmolLM2's 30 layers), the others reuse its choice
     **{
