@@ -27,6 +27,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.worker.ubatch_utils import UBatchSlice, _make_metadata_with_slice
 
 from .context import NO_WORKER, LayerDecisions, StepContext, get_step_context
+from .key_codes import code_bytes
 from .kv_layout import KVLayout
 from .moments import MomentStep
 from .page_estimate import PagePlan, bulk_lse_and_pages, plan_pages
@@ -315,6 +316,7 @@ class QadaImplMixin:
             shape, queries = queries.shape, queries.view(len(rows), self.num_heads, self.head_size)
             batch = DecodeBatch(queries, *self._caches(kv_cache), rows.block_table, rows.seq_lens, self.scale)
         rank_layer = rows.decided and not stock_step and layer in settings.page_rank_layers
+        copy_bytes = 0  # what a ranking by the key copy read per context token, where one ran
         if stock_step or not rows.decided or rank_layer:
             if not stock_step:
                 output[rows.token_index] = self._read_everything(batch).view(shape)
@@ -335,6 +337,9 @@ class QadaImplMixin:
                 inputs = inputs._replace(bulk_lse=bulk_lse, pages=pages if settings.selects_pages else None)
             if settings.page_rank_layers:
                 inputs = inputs._replace(blocks=rows.rank_blocks)
+            if settings.ranks_by_key_copy:
+                inputs = inputs._replace(key_copy=ctx.pages.key_copy(layer, self.layout, batch.key_cache))
+                copy_bytes = self._copy_bytes(settings.page_rank_bits, ctx.pages.chunk)
             result = self._attend(batch, rows, settings, inputs)
             output[rows.token_index] = result.output.view(shape)
             decisions = result.long_heads, result.long_groups, result.kept_blocks
@@ -358,6 +363,7 @@ class QadaImplMixin:
                 kept_blocks=kept,
                 block_size=0 if kept is None else self._block_size(kv_cache),
                 rank_bytes=min(settings.page_rank_dims, self.head_size) * kv_cache.element_size(),
+                copy_bytes=copy_bytes,
             )
         )
 
@@ -386,6 +392,11 @@ class QadaImplMixin:
             kept = kept.clone()
             kept[idx] = self._all_blocks(sub.seq_lens, kv_cache).to(kept.device)
         return heads, groups, kept
+
+    def _copy_bytes(self, bits: int, chunk: int) -> int:
+        """What the key copy's ranking reads per context token of a long group: its codes and its
+        share of the chunk's fp32 min and max (rounded up)."""
+        return code_bytes(self.head_size, bits) + -(-2 * 4 * self.head_size // chunk)
 
     def _block_size(self, kv_cache: Tensor) -> int:
         return self.layout.block_size(self._caches(kv_cache)[0])

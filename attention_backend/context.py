@@ -42,6 +42,7 @@ class LayerDecisions:
     kept_blocks: Tensor | None = None  # with page selection: [rows, Hkv] KV blocks long groups read
     block_size: int = 0  # of the KV cache, with page selection
     rank_bytes: int = 0  # with page_rank_dims: key bytes per context token a long group's ranking read
+    copy_bytes: int = 0  # with page_rank_bits: key-copy bytes per context token a long group's ranking read
 
 
 @dataclass
@@ -62,6 +63,7 @@ class StepDecisions:
     kept_blocks: Tensor | None = None  # with page selection: [rows, layers, Hkv] int64
     block_size: int = 0  # of the KV cache, with page selection
     rank_bytes: int = 0  # with page_rank_dims: key bytes per context token a long group's ranking read
+    copy_bytes: int = 0  # with page_rank_bits: key-copy bytes per context token a long group's ranking read
 
     def tokens_read(self) -> Tensor:
         """[rows, layers, Hkv] int64: the tokens each KV group read: its whole context when long
@@ -82,6 +84,11 @@ class StepDecisions:
             skipped = self.seq_lens.view(-1, 1, 1) - tokens
             read = read + torch.where(self.groups, skipped * self.rank_bytes, 0)
         return read
+
+    def key_copy_bytes_read(self) -> Tensor:
+        """[rows, layers, Hkv] int64: with page_rank_bits, the bytes of the key copy (beside the
+        KV cache, not in it) each long group's ranking read: its whole context's."""
+        return torch.where(self.groups, self.seq_lens.view(-1, 1, 1) * self.copy_bytes, 0)
 
     def long_group_blocks(self) -> tuple[Tensor, Tensor] | None:
         """With page selection: per (row, layer, KV group) [rows, layers, Hkv], the KV blocks long
@@ -150,6 +157,7 @@ class StepContext:
         if first.kept_blocks is not None:
             step.kept_blocks = torch.stack([d.kept_blocks for d in self.decisions], dim=1).cpu().long()
             step.block_size, step.rank_bytes = first.block_size, first.rank_bytes
+            step.copy_bytes = first.copy_bytes
         if all(d.observation is not None for d in self.decisions):
             oracle = torch.stack([d.observation.oracle_long for d in self.decisions], dim=1).cpu()
             rows, layers, _ = oracle.shape

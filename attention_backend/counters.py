@@ -36,6 +36,7 @@ class DecisionCounters:
         self.num_heads, self.num_kv_heads = step.num_heads, step.num_kv_heads
         rows = step.heads.shape[0]
         bytes_read = step.bytes_read().sum((0, 2))
+        copy_read = step.key_copy_bytes_read().sum((0, 2)).tolist()
         bytes_all = int(step.seq_lens.sum()) * self.num_kv_heads * step.token_bytes
         blocks = step.long_group_blocks()
         no_blocks = [0] * len(step.layers)
@@ -49,8 +50,9 @@ class DecisionCounters:
             bytes_read.tolist(),
             blocks_read,
             blocks_skipped,
+            copy_read,
         )
-        for layer, n_heads, n_groups, read, n_read, n_skipped in per_layer:
+        for layer, n_heads, n_groups, read, n_read, n_skipped, n_copy in per_layer:
             skipped = bytes_all - read
             counts = self.layers[layer]
             counts["rows"] += rows
@@ -60,6 +62,7 @@ class DecisionCounters:
             counts["kv_bytes_skipped"] += skipped
             counts["kv_blocks_read"] += n_read
             counts["kv_blocks_skipped"] += n_skipped
+            counts["key_copy_bytes_read"] += n_copy
             label = str(layer)
             for level, long, total in (
                 ("head", n_heads, rows * self.num_heads),
@@ -72,6 +75,8 @@ class DecisionCounters:
             if blocks is not None:
                 metrics.KV_BLOCKS.labels("read", label).inc(n_read)
                 metrics.KV_BLOCKS.labels("skipped", label).inc(n_skipped)
+            if n_copy:
+                metrics.KEY_COPY_BYTES_READ.labels(label).inc(n_copy)
         metrics.LONG_CONTEXT_FRACTION.observe(int(step.groups.sum()) / step.groups.numel())
         if step.oracle_heads is not None:
             for i, layer in enumerate(step.layers):

@@ -30,7 +30,7 @@ from vllm import envs
 
 from .kv_layout import CPU_VEC
 from .page_estimate import PageMasses
-from .page_select import key_dim_masses, select_blocks, selected_tables
+from .page_select import key_copy_masses, key_dim_masses, select_blocks, selected_tables
 from .policy import (
     NO_INPUTS,
     DecodeBatch,
@@ -213,7 +213,16 @@ def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs) -> Ten
             return inputs.blocks.index_select(0, row)
         last = (seq_lens - 1) // plan.block_size
         return torch.arange(int(last.max()) + 1) <= last.unsqueeze(1)
-    if settings.page_rank_dims:  # partial key scores
+    if settings.ranks_by_key_copy:  # every key's score from the low-bit copy
+        masses, total = key_copy_masses(
+            q.reshape(-1, group, head_dim).index_select(0, pairs),
+            pairs % num_kv_heads,
+            inputs.key_copy,
+            batch.block_table.index_select(0, row),
+            seq_lens,
+            plan.block_size,
+        )
+    elif settings.page_rank_dims:  # partial key scores
         masses, total = key_dim_masses(
             q.reshape(-1, group, head_dim).index_select(0, pairs),
             pairs % num_kv_heads,

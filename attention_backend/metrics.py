@@ -40,6 +40,12 @@ KV_BLOCKS = Counter(
     "and the selected ones) or skipped (decision=read|skipped)",
     ["decision", "layer"],
 )
+KEY_COPY_BYTES_READ = Counter(
+    "qada_key_copy_bytes_read",
+    "With page_rank_bits: bytes of the low-bit key copy beside the KV cache (codes and their "
+    "chunks' min / max) that page selection's ranking read (not counted in qada_kv_bytes_read)",
+    ["layer"],
+)
 POLICY = Gauge(
     "qada_policy_info",
     "The active attention policy (value 1; 0 for policies no longer active)",

@@ -9,7 +9,9 @@ With `page_top_k` (as Quest), it reads its k candidates of highest such share. M
 page estimates (`page_estimate.PageMasses`), pooled per block, with a head's total its exact
 local mass plus its estimated bulk mass (a share is what the head decision thresholds, per
 block); or, with `page_rank_dims`, SparQ's partial scores on the key dimensions where the group's
-queries are largest, read from the cache (`key_dim_masses`); or the oracle's exact masses; or,
+queries are largest, read from the cache (`key_dim_masses`); or, with `page_rank_bits`, the
+scores of every key from a low-bit copy of the keys (`key_copy_masses`); or the oracle's exact
+masses; or,
 with `page_rank_layers`, once per row in a rank layer, from the exact masses of all its heads
 there (`rank_layer_blocks`), the layers after it reading the same blocks in every long group.
 
@@ -25,7 +27,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .key_codes import KeyCopy, unpack
 from .page_estimate import PageMasses
+from .page_summaries import MAX, MIN
 from .reference import exact_lse
 
 if TYPE_CHECKING:
@@ -109,19 +113,58 @@ def key_dim_masses(
     |q| over the group), read from the CPU-layout cache (dims / D of the keys). q [N, G, D]
     scaled queries, kv_heads [N], block_table [N, >= nb] and seq_lens [N] of the pairs' rows.
     Returns the per-block log-mass [N, 1, G, nb] and each head's log-mass over its row [N, G]."""
-    pairs, group, head_dim = q.shape
+    _, group, head_dim = q.shape
     num_blocks_total, num_kv_heads, block_size, _ = key_cache.shape
     lengths = seq_lens.long()
-    num_blocks = int((lengths.max() - 1) // block_size) + 1
-    k = torch.arange(num_blocks, device=q.device)
-    owned = k < ((lengths - 1) // block_size + 1).unsqueeze(1)
-    table = torch.where(owned, block_table[:, :num_blocks].long(), 0)  # padding reads block 0, masked
+    table = _owned_blocks(block_table, lengths, block_size)
     top = q.abs().sum(1).topk(min(dims, head_dim), -1).indices  # [N, r]
     columns = key_cache.view(num_blocks_total, num_kv_heads, head_dim, block_size)  # K^T per block
     keys = columns[table.unsqueeze(-1), kv_heads.long().view(-1, 1, 1), top.unsqueeze(1)]  # [N, nb, r, bs]
     q_top = q.gather(-1, top.unsqueeze(1).expand(-1, group, -1))  # [N, G, r]
     scores = torch.einsum("ngr,nkrs->ngks", q_top.float(), keys.float())  # [N, G, nb, bs]
-    positions = k.view(-1, 1) * block_size + torch.arange(block_size, device=q.device)
+    return _block_masses(scores, lengths)
+
+
+def key_copy_masses(
+    q: Tensor, kv_heads: Tensor, copy: KeyCopy, block_table: Tensor, seq_lens: Tensor, block_size: int
+) -> tuple[PageMasses, Tensor]:
+    """The scores of every key of the N (row, KV head) pairs' rows from the layer's low-bit key
+    copy (`key_codes`, bits / 32 of the keys, and the chunks' min / max), as page masses: q [N, G, D]
+    scaled queries, kv_heads [N], block_table [N, >= nb] and seq_lens [N] of the pairs' rows.
+    Returns the per-block log-mass [N, 1, G, nb] and each head's log-mass over its row [N, G]."""
+    codes, stats, bits = copy
+    chunk = codes.shape[1]
+    lengths = seq_lens.long()
+    table = _owned_blocks(block_table, lengths, block_size)
+    per_block = block_size // chunk
+    chunk_ids = (table.unsqueeze(-1) * per_block + torch.arange(per_block, device=q.device)).flatten(1)
+    heads = kv_heads.long().view(-1, 1)
+    low, high = stats[MIN][chunk_ids, heads], stats[MAX][chunk_ids, heads]  # [N, C, D]
+    step = (high - low) / (2**bits - 1)
+    values = unpack(codes[chunk_ids, :, heads], bits).float()  # [N, C, chunk, D]
+    # q . (low + code * step), per chunk: q . low plus (q * step) . code
+    scores = torch.einsum("ngd,ncd->ngc", q, low).unsqueeze(-1) + torch.einsum(
+        "ngcd,nctd->ngct", q.unsqueeze(2) * step.unsqueeze(1), values
+    )
+    pairs, group = q.shape[:2]
+    return _block_masses(scores.reshape(pairs, group, table.shape[1], block_size), lengths)
+
+
+def _owned_blocks(block_table: Tensor, lengths: Tensor, block_size: int) -> Tensor:
+    """The rows' physical blocks [N, nb] up to the longest row's last (padding: block 0, masked
+    later)."""
+    num_blocks = int((lengths.max() - 1) // block_size) + 1
+    k = torch.arange(num_blocks, device=block_table.device)
+    owned = k < ((lengths - 1) // block_size + 1).unsqueeze(1)
+    return torch.where(owned, block_table[:, :num_blocks].long(), 0)
+
+
+def _block_masses(scores: Tensor, lengths: Tensor) -> tuple[PageMasses, Tensor]:
+    """Page masses of scores [N, G, nb, bs] of the rows' keys in logical order (positions past a
+    row's length masked): per-block log-mass [N, 1, G, nb] and each head's total [N, G]."""
+    pairs, _, num_blocks, block_size = scores.shape
+    k = torch.arange(num_blocks, device=scores.device)
+    positions = k.view(-1, 1) * block_size + torch.arange(block_size, device=scores.device)
     scores = scores.masked_fill(positions >= lengths.view(-1, 1, 1, 1), -math.inf)
     block_lse = scores.logsumexp(-1)
     return PageMasses(block_lse.unsqueeze(1), k.expand(pairs, -1)), block_lse.logsumexp(-1)

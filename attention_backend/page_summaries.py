@@ -10,7 +10,9 @@ block is filled in order, so those are exactly the chunk's valid tokens).
 
 Memory: 4 * (block_size / chunk) * Hkv * D * 4 bytes per block and layer: 4 / chunk times an
 fp32 key cache, 2 / chunk of the K+V cache (chunk 16: 12.5%; chunk 32: 6.25%).
-The refresh here is PyTorch (the CPU path); `page_summary_kernel` does it on GPU.
+Launched with `key_bits` (`page_rank_bits`), the refresh also re-codes the chunk's keys on its new
+min / max (`key_codes`): bits / 64 of the fp32 K+V cache more (4 bits: 6.25%).
+The refresh here is PyTorch (the CPU path); `page_summary_kernel` does it on GPU (no key copy).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .key_codes import KeyCopy, code_bytes, quantize
 from .kv_layout import KVLayout
 
 MEAN, VAR, MIN, MAX = range(4)
@@ -37,11 +40,14 @@ def check_page_chunk(page_chunk: int, stored_chunk: int, block_size: int | None 
 
 class PageSummaries:
     """Per layer: stats [4, num_blocks * block_size // chunk, Hkv, D] (MEAN, VAR, MIN, MAX);
-    chunk `i` holds tokens [i * chunk, (i + 1) * chunk) of the flat slot space."""
+    chunk `i` holds tokens [i * chunk, (i + 1) * chunk) of the flat slot space. With `key_bits`,
+    also the keys' codes [num_chunks, chunk, Hkv, D * key_bits / 8] on those chunks' min / max."""
 
-    def __init__(self, chunk: int) -> None:
+    def __init__(self, chunk: int, key_bits: int = 0) -> None:
         self.chunk = chunk
+        self.key_bits = key_bits
         self.layers: dict[int, Tensor] = {}
+        self.codes: dict[int, Tensor] = {}
 
     def check(self, page_chunk: int, block_size: int | None = None) -> None:
         """Refuse a page size these summaries cannot give (`check_page_chunk`)."""
@@ -56,7 +62,19 @@ class PageSummaries:
             num_chunks = key_cache.shape[0] * block_size // self.chunk
             shape = (4, num_chunks, layout.num_kv_heads(key_cache), key_cache.shape[-1])
             stats = self.layers[layer] = torch.zeros(shape, dtype=torch.float32, device=key_cache.device)
+            if self.key_bits:
+                nbytes = code_bytes(shape[-1], self.key_bits)
+                self.codes[layer] = torch.zeros(
+                    (num_chunks, self.chunk, shape[2], nbytes), dtype=torch.uint8, device=key_cache.device
+                )
         return stats
+
+    def key_copy(self, layer: int, layout: KVLayout, key_cache: Tensor) -> KeyCopy:
+        """This layer's key copy (launched with `key_bits`)."""
+        if not self.key_bits:
+            raise RuntimeError("these page summaries keep no key copy (launched without page_rank_bits)")
+        stats = self.layer(layer, layout, key_cache)
+        return KeyCopy(self.codes[layer], stats, self.key_bits)
 
     def refresh(self, layer: int, layout: KVLayout, key_cache: Tensor, slot_mapping: Tensor) -> None:
         """Recompute every chunk the step's `slot_mapping` [T] wrote (-1: no write)."""
@@ -67,7 +85,11 @@ class PageSummaries:
             return
         chunk_ids, counts = written_chunks(slots, self.chunk)
         keys, valid = chunk_keys(layout, key_cache, chunk_ids, counts, self.chunk)
-        stats.index_copy_(1, chunk_ids, summarize(keys, valid, counts))
+        summary = summarize(keys, valid, counts)
+        stats.index_copy_(1, chunk_ids, summary)
+        if self.key_bits:  # the chunk's grid moved: re-code all its keys
+            codes = quantize(keys, summary[MIN], summary[MAX], self.key_bits)
+            self.codes[layer].index_copy_(0, chunk_ids, codes)
 
 
 def written_chunks(slots: Tensor, chunk: int) -> tuple[Tensor, Tensor]:

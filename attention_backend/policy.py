@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from .key_codes import KeyCopy
     from .page_estimate import PageMasses
     from .settings import QadaSettings
 
@@ -69,6 +70,7 @@ class PolicyInputs(NamedTuple):
     bulk_lse: Tensor | None = None
     pages: PageMasses | None = None  # with page selection: what it ranks
     blocks: Tensor | None = None  # with page_rank_layers: bool [B, nb], the blocks a rank layer chose
+    key_copy: KeyCopy | None = None  # with page_rank_bits: the layer's low-bit keys
 
     def to_cpu(self) -> PolicyInputs:
         return PolicyInputs(
@@ -78,6 +80,9 @@ class PolicyInputs(NamedTuple):
             None if self.bulk_lse is None else self.bulk_lse.cpu(),
             None if self.pages is None else type(self.pages)(*(t.cpu() for t in self.pages)),
             None if self.blocks is None else self.blocks.cpu(),
+            None
+            if self.key_copy is None
+            else self.key_copy._replace(codes=self.key_copy.codes.cpu(), stats=self.key_copy.stats.cpu()),
         )
 
 

@@ -49,9 +49,10 @@ class ModelShape:
     max_model_len: int
     block_size: int
     page_chunk: int  # the launch page size: what the page summaries store
+    page_rank_bits: int = 0  # the launch key copy's bits (0: none kept)
 
     @classmethod
-    def from_vllm_config(cls, vllm_config, page_chunk: int) -> ModelShape:
+    def from_vllm_config(cls, vllm_config, page_chunk: int, page_rank_bits: int = 0) -> ModelShape:
         model = vllm_config.model_config
         text = model.hf_text_config
         return cls(
@@ -62,6 +63,7 @@ class ModelShape:
             max_model_len=model.max_model_len,
             block_size=vllm_config.cache_config.block_size,
             page_chunk=page_chunk,
+            page_rank_bits=page_rank_bits,
         )
 
     def check(self, settings: QadaSettings) -> None:
@@ -76,6 +78,12 @@ class ModelShape:
             raise PolicyError(f"page_rank_layers must name layers below {self.num_layers}")
         if settings.decode_tail > self.max_model_len:
             raise PolicyError(f"decode_tail must be at most max_model_len ({self.max_model_len})")
+        if settings.page_rank_bits not in (0, self.page_rank_bits):
+            raise PolicyError(
+                f"page_rank_bits {settings.page_rank_bits} needs a key copy at that many bits: this "
+                f"server keeps {f'a {self.page_rank_bits}-bit one' if self.page_rank_bits else 'none'} "
+                "(set page_rank_bits at launch)"
+            )
         try:
             check_page_chunk(settings.page_chunk, self.page_chunk, self.block_size)
         except ValueError as exc:

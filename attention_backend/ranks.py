@@ -122,6 +122,7 @@ LAYER_SUMS = (
     "kv_bytes_skipped",
     "kv_blocks_read",
     "kv_blocks_skipped",
+    "key_copy_bytes_read",
 )
 
 

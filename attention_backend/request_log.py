@@ -49,6 +49,7 @@ class RequestDecisions:
     long_groups: int = 0
     kv_bytes_read: int = 0
     kv_bytes_skipped: int = 0
+    key_copy_bytes_read: int = 0
     # with `observe`: the oracle's decisions at the same tau, and the policy's disagreements
     observed_steps: int = 0
     oracle_long_heads: int = 0
@@ -59,13 +60,19 @@ class RequestDecisions:
     extra_long_groups: int = 0
 
     def add(
-        self, heads: Tensor, groups: Tensor, oracle: tuple[Tensor, Tensor] | None, kv_bytes: tuple[int, int]
+        self,
+        heads: Tensor,
+        groups: Tensor,
+        oracle: tuple[Tensor, Tensor] | None,
+        kv_bytes: tuple[int, int, int],
     ) -> None:
         """One decode step: heads [layers, Hq] and groups [layers, Hkv] long (bool), the
-        oracle's (heads, groups) with observe, and the KV bytes (read, skipped)."""
+        oracle's (heads, groups) with observe, and the KV bytes (read, skipped) and key-copy bytes
+        read."""
         self.decode_steps += 1
         self.kv_bytes_read += kv_bytes[0]
         self.kv_bytes_skipped += kv_bytes[1]
+        self.key_copy_bytes_read += kv_bytes[2]
         self.heads += heads.numel()
         self.long_heads += int(heads.sum())
         self.groups += groups.numel()
@@ -89,7 +96,11 @@ class RequestDecisions:
             "decode_steps": self.decode_steps,
             "head_decisions": {"long": self.long_heads, "local": self.heads - self.long_heads},
             "kv_group_decisions": {"long": self.long_groups, "local": self.groups - self.long_groups},
-            "kv_bytes": {"read": self.kv_bytes_read, "skipped": self.kv_bytes_skipped},
+            "kv_bytes": {
+                "read": self.kv_bytes_read,
+                "skipped": self.kv_bytes_skipped,
+                "key_copy_read": self.key_copy_bytes_read,
+            },
         }
         if self.observed_steps:
             out["oracle"] = {
@@ -127,13 +138,15 @@ class RequestLog:
         self.num_heads = step.num_heads
         observed = step.oracle_heads is not None
         read = step.bytes_read().sum((1, 2))  # [rows]
+        copy_read = step.key_copy_bytes_read().sum((1, 2))
         full = step.seq_lens * len(step.layers) * step.num_kv_heads * step.token_bytes
         for row, (req_id, key) in enumerate(zip(step.req_ids, keys, strict=True)):
             if step.replayed and step.replayed[row]:  # recorded when it was first decoded
                 continue
             entry = self.decisions.pop(key, None) or RequestDecisions()
             oracle = (step.oracle_heads[row], step.oracle_groups[row]) if observed else None
-            entry.add(step.heads[row], step.groups[row], oracle, (int(read[row]), int(full[row] - read[row])))
+            kv_bytes = int(read[row]), int(full[row] - read[row]), int(copy_read[row])
+            entry.add(step.heads[row], step.groups[row], oracle, kv_bytes)
             self.decisions[key] = entry  # most recently used last
             trace = self.traces.pop(req_id, [])
             if len(trace) < self.max_trace_steps:

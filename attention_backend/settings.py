@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
+from .key_codes import KEY_BITS
 from .policy import PolicyInputs, random_long_mask
 from .policy_files import ModelShape, PolicyError, calib_tensors, static_heads_mask
 from .ranks import RankShare
@@ -94,6 +95,13 @@ class QadaSettings(BaseModel):
         "largest exact share of mass any of its heads gives them; the layers after it, until the "
         "next, read that row's selected blocks in their long groups (before the first: all blocks)",
     )
+    page_rank_bits: Literal[KEY_BITS] = Field(  # type: ignore[valid-type]
+        0,
+        description="page selection (qada) ranks KV blocks by the scores of a copy of the keys at "
+        "this many bits (per channel on each page summary's min / max, as KIVI), kept beside the "
+        "cache when the server launches with it; a change later may set only the launch value or "
+        "0 (0: no copy, rank by the page statistics)",
+    )
     random_fraction: float = Field(0.5, ge=0, le=1, description="long share of heads for random")
     seed: int = Field(0, ge=0, lt=2**63, description="seed of the random policy's draws")
     min_bulk: int = Field(
@@ -133,6 +141,10 @@ class QadaSettings(BaseModel):
             raise ValueError(
                 "page_rank_dims ranks the blocks of page selection: set page_budget or page_top_k"
             )
+        if self.page_rank_bits and (self.page_rank_dims or self.page_rank_layers):
+            raise ValueError(
+                "page_rank_bits is a ranking of its own: not with page_rank_dims or page_rank_layers"
+            )
         if self.page_rank_layers and not (selects and self.policy == "qada" and not self.page_rank_dims):
             raise ValueError(
                 "page_rank_layers ranks the blocks of page selection (policy qada, without "
@@ -141,12 +153,16 @@ class QadaSettings(BaseModel):
         ranks = (
             self.needs_pages
             or self.policy == "oracle"
-            or (self.policy == "qada" and (self.page_rank_dims or self.page_rank_layers))
+            or (
+                self.policy == "qada"
+                and bool(self.page_rank_dims or self.page_rank_layers or self.page_rank_bits)
+            )
         )
         if selects and not ranks:
             raise ValueError(
                 "page selection ranks KV blocks by the page estimates (policy qada with stats pages "
-                "or pages_bound), by partial key scores (qada with page_rank_dims) or by their exact "
+                "or pages_bound), by partial key scores (qada with page_rank_dims), by a low-bit key copy "
+                "(qada with page_rank_bits) or by their exact "
                 f"masses (policy oracle), not {self.policy}/{self.stats}"
             )
         return self
@@ -189,6 +205,11 @@ class QadaSettings(BaseModel):
     def selects_pages(self) -> bool:
         """Long KV groups read only their selected bulk blocks (`page_select`)."""
         return self.policy in ("qada", "oracle") and bool(self.page_budget or self.page_top_k)
+
+    @property
+    def ranks_by_key_copy(self) -> bool:
+        """Page selection ranks by the low-bit key copy (`page_rank_bits`)."""
+        return self.selects_pages and self.policy == "qada" and bool(self.page_rank_bits)
 
     @property
     def needs_calib(self) -> bool:
@@ -267,6 +288,8 @@ class ActivePolicy:
         shape.check(settings)
         if settings.selects_pages and torch.device(device).type != "cpu":
             raise PolicyError("page selection (page_budget, page_top_k) runs on the CPU path only so far")
+        if settings.page_rank_bits and torch.device(device).type != "cpu":
+            raise PolicyError("page_rank_bits (the key copy) runs on the CPU path only so far")
         heads, kv_heads = (share.head_slice(), share.kv_head_slice()) if share else (slice(None),) * 2
         static_heads = calib = generator = None
         if settings.needs_head_mask:

@@ -2,7 +2,8 @@
 - the policy in force (`ActivePolicy`: applied here at start and on every change, swapped whole
   between steps),
 - the per-request key moments (`MomentStore`), freed when requests finish or are preempted,
-- the page summaries beside the KV cache (`PageSummaries`, at the launch `page_chunk`),
+- the page summaries beside the KV cache (`PageSummaries`, at the launch `page_chunk`, with the
+  launch `page_rank_bits` key copy),
 - the decision counts (`DecisionCounters`, mirrored into Prometheus) and the per-request log
   (`RequestLog`: `usage.qada` and the decision traces),
 and gives each step its context (`context.StepContext`), which the attention builder and layers
@@ -50,9 +51,11 @@ class QadaWorkerMixin:
         if refusal:  # launches through `serving.api_server` are refused before the engine starts
             raise RuntimeError(refusal)
         settings = settings_from_vllm_config(self.vllm_config.additional_config)
-        self._qada_shape = ModelShape.from_vllm_config(self.vllm_config, settings.page_chunk)
+        self._qada_shape = ModelShape.from_vllm_config(
+            self.vllm_config, settings.page_chunk, settings.page_rank_bits
+        )
         self._qada_share = RankShare.current(self._qada_shape)
-        self._qada_pages = PageSummaries(settings.page_chunk)
+        self._qada_pages = PageSummaries(settings.page_chunk, settings.page_rank_bits)
         files_dir = files_dir_from_vllm_config(self.vllm_config.additional_config)
         self._apply(settings, read_policy_files(settings, files_dir))
 

@@ -10,6 +10,8 @@ throughput = batch * N / (t(N+1) - t(1)), so prefill and HTTP overhead cancel ou
     python -m benchmarks.decode_speed --contexts 2000 --min-bulk 0   # decide even for short bulks
     python -m benchmarks.decode_speed --vllm-args "--tensor-parallel-size 3"   # both servers TP 3
     python -m benchmarks.decode_speed --changes page_top_k=4 policy=oracle,page_top_k=4  # page selection
+    python -m benchmarks.decode_speed --launch attention.page_rank_bits=4 \
+        --changes page_top_k=8,page_rank_bits=4                       # ranked by the 4-bit key copy
 
 Writes results/decode_speed-<dtype>.json and prints a Markdown table.
 """
@@ -105,6 +107,13 @@ def main() -> None:
         help="policy changes measured after the taus, each KEY=VALUE[,KEY=VALUE] (PATCH)",
     )
     parser.add_argument("--min-bulk", type=int, default=None, help="default: the config's")
+    parser.add_argument(
+        "--launch",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="launch settings of the QAdA server (qada serve --set), e.g. attention.page_rank_bits=4",
+    )
     parser.add_argument("--vllm-args", default="", help="arguments for vLLM, given to both servers")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -135,6 +144,8 @@ def main() -> None:
     qada = ["--config", "configs/smollm2-cpu-qada.yaml", "--policy", args.policy]
     if args.min_bulk is not None:
         qada += ["--set", f"attention.min_bulk={args.min_bulk}"]
+    for setting in args.launch:
+        qada += ["--set", setting]
     results = {
         "machine": machine.describe(),
         "dtype": args.dtype,

@@ -60,7 +60,12 @@ def summarize(rows: list[dict]) -> dict:
                 entry[f"{level}_local_fraction"] = 1 - sum(r[f"{level}_long"] for r in items) / max(total, 1)
         if "kv_bytes_read" in items[0]:  # decode steps' KV bytes, of full attention's
             read = sum(r["kv_bytes_read"] for r in items)
-            entry["kv_read_fraction"] = read / max(read + sum(r["kv_bytes_skipped"] for r in items), 1)
+            full = max(read + sum(r["kv_bytes_skipped"] for r in items), 1)
+            # the key copy page_rank_bits ranks by is read too: it counts, beside the cache
+            copy = sum(r.get("key_copy_bytes_read", 0) for r in items)
+            entry["kv_read_fraction"] = (read + copy) / full
+            if copy:
+                entry["key_copy_read_fraction"] = copy / full
         observed = [r["oracle"] for r in items if "oracle" in r]
         if observed:
             entry["agreement"] = {}

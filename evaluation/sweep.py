@@ -84,6 +84,19 @@ TAU_FAMILIES = {
             **{f"p{budget * 100:02.0f}": {"page_budget": budget} for budget in (0.05, 0.1)},
         }.items()
     },
+    # ranked by every key's score from a low-bit key copy (the server launches with its bits)
+    **{
+        f"qada-pages32-q{bits}-{name}": {
+            **PAGE_SELECTORS["qada-pages32"],
+            "page_rank_bits": bits,
+            **selection,
+        }
+        for bits in (2, 4, 8)
+        for name, selection in {
+            **{f"k{k}": {"page_top_k": k} for k in (2, 4, 8, 12, 16)},
+            **{f"p{budget * 100:02.0f}": {"page_budget": budget} for budget in (0.02, 0.05, 0.1)},
+        }.items()
+    },
     # diagnostics: every 2nd / 3rd layer ranks (SmolLM2's 30 layers), the others reuse its choice
     **{
         f"qada-pages32-Levery{step}-k8": {
@@ -169,6 +182,7 @@ def run_probe(client: ServerClient, probe: Probe, setting: Setting, protocol: st
             groups_total=groups["long"] + groups["local"],
             kv_bytes_read=usage["kv_bytes"]["read"],
             kv_bytes_skipped=usage["kv_bytes"]["skipped"],
+            key_copy_bytes_read=usage["kv_bytes"].get("key_copy_read", 0),
         )
         if "oracle" in usage:
             row["oracle"] = usage["oracle"]

@@ -114,8 +114,8 @@ def _add_attention_flags(parser: argparse.ArgumentParser) -> None:
             "metavar": name.upper(),
         }
         choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
-        if choices:
-            kwargs.update(choices=choices, metavar=None)
+        if choices:  # strings, or ints (`--page-rank-bits 4`)
+            kwargs.update(choices=choices, metavar=None, type=type(choices[0]))
         elif field.annotation is bool:
             kwargs.update(action=argparse.BooleanOptionalAction, metavar=None)
         elif get_origin(field.annotation) is tuple:  # layer lists: `--page-rank-layers 2 15`

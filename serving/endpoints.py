@@ -146,7 +146,11 @@ async def get_stats(request: Request):
         "policy": await _settings(request),
         "head_decisions": {"long": total["long_heads"], "local": heads - total["long_heads"]},
         "kv_group_decisions": {"long": total["long_groups"], "local": groups - total["long_groups"]},
-        "kv_bytes": {"read": total["kv_bytes_read"], "skipped": total["kv_bytes_skipped"]},
+        "kv_bytes": {
+            "read": total["kv_bytes_read"],
+            "skipped": total["kv_bytes_skipped"],
+            "key_copy_read": total["key_copy_bytes_read"],
+        },
         "kv_blocks_of_long_groups": {"read": total["kv_blocks_read"], "skipped": total["kv_blocks_skipped"]},
         **counters,
     }
@@ -184,7 +188,9 @@ class QadaEndpoints:
             raise RuntimeError(why)
         if state.qada_enabled:
             launch = QadaSettings.model_validate(extra["qada"])
-            state.qada_shape = ModelShape.from_vllm_config(engine_client.vllm_config, launch.page_chunk)
+            state.qada_shape = ModelShape.from_vllm_config(
+                engine_client.vllm_config, launch.page_chunk, launch.page_rank_bits
+            )
             state.qada_files_dir = extra.get("qada_files_dir")
             state.qada_policy_lock = asyncio.Lock()
             state.qada_request_tags = RequestTags()  # response id -> tag (serving.request_stats)

@@ -47,10 +47,14 @@ def qada_files_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def qada_server(model_path, tmp_path_factory, qada_files_dir):
-    """QAdA-attention server (its policy is switched per test through PUT /v1/qada/policy)."""
+    """QAdA-attention server (its policy is switched per test through PUT /v1/qada/policy), with
+    a 4-bit key copy kept for page_rank_bits."""
     files, head = f"attention.files_dir={qada_files_dir}", "limits.request_head_timeout_s=3"
+    copy = "attention.page_rank_bits=4"
     yield from _running(
-        "smollm2-cpu-qada.yaml", tmp_path_factory.mktemp("qada_server"), "--set", files, "--set", head
+        "smollm2-cpu-qada.yaml",
+        tmp_path_factory.mktemp("qada_server"),
+        *("--set", files, "--set", head, "--set", copy),
     )
 
 

@@ -147,8 +147,11 @@ def test_attention_settings_are_one_model_for_file_flags_and_worker():
         ["serve", *config, "--policy", "qada", "--page-top-k", "8", "--page-rank-layers", "2", "15"]
     )
     assert serve_config(layers).attention.settings().page_rank_layers == (2, 15)  # a list flag
-    with pytest.raises(SystemExit):  # argparse's own error for a value outside the choices
-        build_parser().parse_args(["serve", "--stats", "magic"])
+    bits = build_parser().parse_args(["serve", *config, "--policy", "qada", "--page-rank-bits", "4"])
+    assert serve_config(bits).attention.settings().page_rank_bits == 4  # int choices
+    for flag, value in (("--stats", "magic"), ("--page-rank-bits", "3")):
+        with pytest.raises(SystemExit):  # argparse's own error for a value outside the choices
+            build_parser().parse_args(["serve", flag, value])
     qada = json.loads(
         vllm_command(cfg, Path("/m"))[vllm_command(cfg, Path("/m")).index("--additional-config") + 1]
     )

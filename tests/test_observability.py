@@ -96,7 +96,8 @@ def prometheus(qada_server, tmp_path_factory):
 def test_every_dashboard_query_returns_data(prometheus, qada_server, qada_client):
     httpx.put(
         qada_server.url + "/v1/qada/policy",
-        json={"policy": "qada", "page_top_k": 2},  # page selection: blocks read and skipped
+        # page selection ranked by the key copy: blocks read and skipped, key-copy bytes read
+        json={"policy": "qada", "page_top_k": 2, "page_rank_bits": 4},
         headers={"Authorization": "Bearer sk-qada-test"},
     ).raise_for_status()
     time.sleep(3)  # a first scrape before the traffic, so that rates see increases

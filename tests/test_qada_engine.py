@@ -207,6 +207,7 @@ def test_page_decisions_do_not_depend_on_who_wrote_the_blocks(qada_server, qada_
         ({"policy": "static"}, "static_heads"),
         ({"policy": "static", "static_heads": "/nonexistent.json"}, "nonexistent"),
         ({"page_chunk": 16}, "page_chunk"),  # finer than the pages summarised since launch
+        ({"page_top_k": 4, "page_rank_bits": 2}, "page_rank_bits"),  # the server keeps a 4-bit copy
     ],
 )
 def test_bad_policy_is_a_clear_400_and_changes_nothing(qada_server, qada_client, body, needle):
@@ -308,6 +309,31 @@ def test_page_selection_reads_the_selected_blocks_and_counts_them(qada_server, q
     for n in (*range(3, 15), *range(16, 30)):  # a long group reads its sink, window and 4 blocks
         assert layer[n]["kv_blocks_read"] <= 7 * layer[n]["long_groups"]
         assert layer[n]["kv_blocks_skipped"] >= 25 * layer[n]["long_groups"]  # of 32 or 33
+    # ranked by the 4-bit key copy (kept since launch): every layer's long groups read their sink,
+    # window and 4 blocks of the cache, and the copy of their whole context (48 bytes a token: 32
+    # of codes, 16 of the 32-token chunks' fp32 min / max), counted apart
+    set_policy(qada_server, policy="qada", page_top_k=4, page_rank_bits=4, min_bulk=0)
+    before = stats(qada_server)
+    reply = greedy(qada_client, prompt, 8, ignore_eos=False, stats=True)
+    after = stats(qada_server)
+    print(f"key copy, top-4: {reply.choices[0].text!r}")
+    assert "71432" in reply.choices[0].text
+    usage = reply.model_dump()["usage"]
+    steps, context = usage["completion_tokens"] - 1, usage["prompt_tokens"]
+    lengths = [context + i for i in range(1, steps + 1)]
+    for n in range(30):
+        now, then = after["layers"][str(n)], before["layers"].get(str(n), {})
+        got = {k: now[k] - then.get(k, 0) for k in now}
+        long, local = got["long_groups"], 3 * steps - got["long_groups"]
+        assert got["kv_blocks_read"] <= 7 * long and got["kv_blocks_skipped"] >= 25 * long
+        # a long group's blocks are whole but its last (1 to 128 tokens); a local group reads 144
+        blocks = got["kv_blocks_read"] * 128 * 512 + local * 144 * 512
+        assert blocks - long * 127 * 512 <= got["kv_bytes_read"] <= blocks, n
+        assert long * min(lengths) * 48 <= got["key_copy_bytes_read"] <= long * max(lengths) * 48, n
+    kv = usage["qada"]["kv_bytes"]
+    assert kv["read"] + kv["skipped"] == sum(lengths) * 30 * 3 * 512
+    assert kv["key_copy_read"] == after["kv_bytes"]["key_copy_read"] - before["kv_bytes"]["key_copy_read"] > 0
+    assert kv["read"] + kv["key_copy_read"] < 0.45 * head_kv["read"]
     # a step that is not decided (min_bulk) reads every block of every long group, and says so
     set_policy(qada_server, policy="qada", page_top_k=4, min_bulk=10**4)
     before = stats(qada_server)

@@ -94,6 +94,8 @@ def step_context(
     if isinstance(settings, dict):
         settings = QadaSettings(**settings)
     files = read_policy_files(settings, files_dir=None)  # static heads inline, as the API sends them
-    shape = replace(TEST_SHAPE, page_chunk=settings.page_chunk)  # summaries stored at its page size
-    policy, pages = ActivePolicy.load(settings, shape, files), PageSummaries(settings.page_chunk)
+    # summaries stored at its page size, with its key copy
+    shape = replace(TEST_SHAPE, page_chunk=settings.page_chunk, page_rank_bits=settings.page_rank_bits)
+    policy = ActivePolicy.load(settings, shape, files)
+    pages = PageSummaries(settings.page_chunk, settings.page_rank_bits)
     return StepContext(policy, moments or MomentStore(), stand_in_runner(spec), pages)

@@ -226,8 +226,8 @@ def tolerance(dtype: torch.dtype) -> dict[str, float]:
 def policy_inputs(case: PagedCase, settings) -> PolicyInputs:
     """The policy's inputs for a kernel or reference call on `case` (both take the same): key
     moments read from the cache (qada/prompt), page estimates (and with page selection the
-    pages' own, qada/pages), a random Gaussian (qada/calib), a mask mixing
-    long and local groups (static) or a seeded random draw (random)."""
+    pages' own, qada/pages, and the key copy with page_rank_bits), a random Gaussian
+    (qada/calib), a mask mixing long and local groups (static) or a seeded random draw (random)."""
     num_heads, head_dim = case.query.shape[1:]
     gen = torch.Generator().manual_seed(5)
     if settings.needs_moments:
@@ -236,13 +236,14 @@ def policy_inputs(case: PagedCase, settings) -> PolicyInputs:
             moments=fresh_moments(case.layout, case.key_cache, case.block_table, lengths, *settings.window)
         )
     if settings.needs_pages:
-        store = page_summaries(case, settings.page_chunk)
+        store = page_summaries(case, settings.page_chunk, settings.page_rank_bits)
         plan = plan_pages(
             case.block_table, case.seq_lens, settings, block_size=case.block_size, store_chunk=store.chunk
         )
         stats = store.layer(0, case.layout, case.key_cache)
         bulk_lse, pages = bulk_lse_and_pages(case.layout, case.batch(), stats, plan)
-        return PolicyInputs(bulk_lse=bulk_lse, pages=pages if settings.selects_pages else None)
+        copy = store.key_copy(0, case.layout, case.key_cache) if settings.ranks_by_key_copy else None
+        return PolicyInputs(bulk_lse=bulk_lse, pages=pages if settings.selects_pages else None, key_copy=copy)
     if settings.needs_calib:
         mu = torch.randn(case.num_kv_heads, head_dim, generator=gen)
         a = torch.randn(case.num_kv_heads, head_dim, head_dim, generator=gen)
@@ -268,8 +269,9 @@ def slot_mapping(case: PagedCase, starts: list[int] | None = None) -> Tensor:
     return torch.cat(slots)
 
 
-def page_summaries(case: PagedCase, chunk: int) -> PageSummaries:
-    """Layer 0's page summaries of the whole case, refreshed as one step that wrote it all."""
-    store = PageSummaries(chunk)
+def page_summaries(case: PagedCase, chunk: int, key_bits: int = 0) -> PageSummaries:
+    """Layer 0's page summaries (and key copy) of the whole case, refreshed as one step that wrote
+    it all."""
+    store = PageSummaries(chunk, key_bits)
     store.refresh(0, case.layout, case.key_cache, slot_mapping(case))
     return store

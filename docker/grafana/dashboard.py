@@ -63,6 +63,7 @@ PANELS = [
         [
             ("read", f"sum(rate(qada_kv_bytes_read_total{RATE}))"),
             ("skipped", f"sum(rate(qada_kv_bytes_skipped_total{RATE}))"),
+            ("key copy read (page_rank_bits)", f"sum(rate(qada_key_copy_bytes_read_total{RATE}))"),
         ],
         "timeseries",
     ),

@@ -4,6 +4,7 @@ blocks chosen for the same estimates, unselected blocks never read, outputs as a
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,8 +12,10 @@ import torch
 from attention_backend.context import StepDecisions
 from attention_backend.counters import DecisionCounters
 from attention_backend.cpu_kernel import paged_decode
+from attention_backend.key_codes import dequantize
 from attention_backend.page_estimate import PageMasses
-from attention_backend.page_select import key_dim_masses, rank_layer_blocks, select_blocks
+from attention_backend.page_select import key_copy_masses, key_dim_masses, rank_layer_blocks, select_blocks
+from attention_backend.page_summaries import MAX, MIN
 from attention_backend.policy import PolicyInputs
 from attention_backend.policy_files import PolicyError
 from attention_backend.request_log import RequestLog
@@ -22,6 +25,7 @@ from attention_backend.testing.paged_cases import (
     PagedCase,
     local_positions,
     make_case,
+    page_summaries,
     policy_inputs,
     row_scores,
     sdpa_row,
@@ -199,11 +203,27 @@ def test_settings_refuse_what_cannot_select() -> None:
         settings(page_top_k=2, page_rank_dims=8, page_rank_layers=(0,))
     with pytest.raises(PolicyError, match="layers below"):
         TEST_SHAPE.check(settings(page_top_k=2, page_rank_layers=(0, TEST_SHAPE.num_layers)))
+    assert QadaSettings(policy="qada", stats="prompt", page_top_k=4, page_rank_bits=4).ranks_by_key_copy
+    assert not settings(page_rank_bits=4).ranks_by_key_copy  # kept, not used: no page selection
+    for other in ({"page_rank_dims": 8}, {"page_rank_layers": (0,)}):
+        with pytest.raises(ValueError, match="ranking of its own"):
+            settings(page_top_k=2, page_rank_bits=4, **other)
+    with pytest.raises(ValueError):
+        settings(page_top_k=2, page_rank_bits=3)
+    keeps_four = replace(TEST_SHAPE, page_rank_bits=4)
+    keeps_four.check(settings(page_top_k=2, page_rank_bits=4))
+    keeps_four.check(settings(page_top_k=2))  # 0: rank by the page statistics
+    for shape, bits, why in ((TEST_SHAPE, 4, "keeps none"), (keeps_four, 2, "keeps a 4-bit one")):
+        with pytest.raises(PolicyError, match=why):
+            shape.check(settings(page_top_k=2, page_rank_bits=bits))
 
 
 def test_page_selection_is_refused_off_the_cpu_path() -> None:
     with pytest.raises(PolicyError, match="CPU path only"):
         ActivePolicy.load(settings(page_budget=0.1), TEST_SHAPE, {}, device="cuda")
+    keeps_four = replace(TEST_SHAPE, page_rank_bits=4)
+    with pytest.raises(PolicyError, match=r"key copy\) runs on the CPU path only"):
+        ActivePolicy.load(settings(page_rank_bits=4), keeps_four, {}, device="cuda")
 
 
 def test_bytes_and_blocks_are_counted_from_the_blocks_read() -> None:
@@ -231,11 +251,24 @@ def test_bytes_and_blocks_are_counted_from_the_blocks_read() -> None:
     assert layer["kv_bytes_read"] == read and layer["kv_bytes_skipped"] == (2 * 1300 * 4) - read
     log = RequestLog()
     log.add(decisions, ["a", "b"])
-    assert log.request("a")["kv_bytes"] == {"read": 440 * 4, "skipped": (2000 - 440) * 4}
-    assert log.request("b")["kv_bytes"] == {"read": 380 * 4, "skipped": (600 - 380) * 4}
+    assert log.request("a")["kv_bytes"] == {"read": 440 * 4, "skipped": (2000 - 440) * 4, "key_copy_read": 0}
+    assert log.request("b")["kv_bytes"] == {"read": 380 * 4, "skipped": (600 - 380) * 4, "key_copy_read": 0}
     # ranked by 2 key dimensions of 4 bytes: the tokens row 0's long group skipped were read at 8 bytes
     decisions.rank_bytes = 8
     assert decisions.bytes_read().tolist() == [[[360 * 4 + 640 * 8, 80 * 4]], [[80 * 4, 300 * 4]]]
+    # ranked by a key copy of 2 bytes a token instead: long groups read it over their whole
+    # context, counted apart from the KV cache's bytes (which it is not part of)
+    decisions.rank_bytes, decisions.copy_bytes = 0, 2
+    assert decisions.key_copy_bytes_read().tolist() == [[[1000 * 2, 0]], [[0, 300 * 2]]]
+    counters.add(decisions)
+    layer = counters.snapshot()["layers"][0]
+    assert layer["key_copy_bytes_read"] == 1300 * 2 and layer["kv_bytes_read"] == 2 * read
+    log.add(decisions, ["a", "b"])
+    assert log.request("a")["kv_bytes"] == {
+        "read": 880 * 4,
+        "skipped": (4000 - 880) * 4,
+        "key_copy_read": 2000,
+    }
 
 
 @pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
@@ -359,6 +392,64 @@ def test_a_rank_layer_chooses_each_rows_blocks_and_later_layers_read_only_them(s
         chosen.append([expected] * case.num_kv_heads)
     assert any(len(c[0]) < -(-n // BS) for c, n in zip(chosen, case.seq_lens.tolist())), "nothing skipped"
     inputs = policy_inputs(case, cfg)._replace(blocks=keep)
+    poison_all_but(case, chosen)
+    result = paged_decode(case.batch(), cfg, inputs)
+    assert result.long_groups.any() and (~result.long_groups).any()
+    assert_read_only(case, result, chosen)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits) -> None:
+    case = sample_case(9)
+    rows, num_heads, head_dim = case.query.shape
+    group = num_heads // case.num_kv_heads
+    q = (case.query * case.scale).view(rows, case.num_kv_heads, group, head_dim)
+    copy = page_summaries(case, 16, key_bits=bits).key_copy(0, case.layout, case.key_cache)
+    pairs = torch.tensor([0, 2, 4, 5, 7, 9, 11])  # (row, KV head) = (p // 3, p % 3)
+    masses, total = key_copy_masses(
+        q.flatten(0, 1)[pairs], pairs % 3, copy, case.block_table[pairs // 3], case.seq_lens[pairs // 3], BS
+    )
+    for i, (b, h) in enumerate(zip((pairs // 3).tolist(), (pairs % 3).tolist())):
+        length = int(case.seq_lens[b])
+        pos = torch.arange(length)
+        chunk_ids = (case.block_table[b, pos // BS].long() * BS + pos % BS) // 16
+        slots = case.block_table[b, pos // BS].long() * BS + pos % BS
+        codes = copy.codes.flatten(0, 1)[slots, h]  # [L, D * bits / 8]
+        keys = dequantize(codes, copy.stats[MIN, chunk_ids, h], copy.stats[MAX, chunk_ids, h], bits)
+        scores = q[b, h] @ keys.T  # [G, L]
+        torch.testing.assert_close(total[i], scores.logsumexp(-1))
+        for k in range(-(-length // BS)):
+            torch.testing.assert_close(
+                masses.logits[i, 0, :, k], scores[:, k * BS : (k + 1) * BS].logsumexp(-1)
+            )
+        # within sum_d |q_d| step_d / 2 of the exact scores
+        step = (copy.stats[MAX, chunk_ids, h] - copy.stats[MIN, chunk_ids, h]) / (2**bits - 1)
+        exact = q[b, h] @ case.keys[b][:, h].float().T
+        assert ((scores - exact).abs() <= q[b, h].abs() @ step.T / 2 + 1e-4).all()
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
+def test_key_copy_ranking_never_reads_the_unselected_blocks_and_outputs_match(selection) -> None:
+    """page_rank_bits: the blocks chosen from the key copy's scores; neither the keys nor the
+    values of the others are read (NaN), and the outputs are a masked SDPA over the chosen ones."""
+    case = sample_case(10)
+    cfg = settings(**selection, page_rank_bits=4).replace(tau=0.95)
+    inputs = policy_inputs(case, cfg)
+    rows, num_heads, head_dim = case.query.shape
+    group = num_heads // case.num_kv_heads
+    q = (case.query * case.scale).view(rows, case.num_kv_heads, group, head_dim)
+    pairs = torch.arange(rows * case.num_kv_heads)
+    row_of = pairs // case.num_kv_heads
+    masses, total = key_copy_masses(
+        q.flatten(0, 1), pairs % 3, inputs.key_copy, case.block_table[row_of], case.seq_lens[row_of], BS
+    )
+    keep = select_blocks(masses, total, case.seq_lens[row_of], cfg, BS).view(rows, case.num_kv_heads, -1)
+    chosen = [
+        [set(keep[b, h].nonzero().flatten().tolist()) for h in range(case.num_kv_heads)] for b in range(rows)
+    ]
+    assert any(len(c) < -(-n // BS) for row, n in zip(chosen, case.seq_lens.tolist()) for c in row), (
+        "nothing skipped"
+    )
     poison_all_but(case, chosen)
     result = paged_decode(case.batch(), cfg, inputs)
     assert result.long_groups.any() and (~result.long_groups).any()

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from attention_backend.key_codes import dequantize
 from attention_backend.kv_layout import CPU_VEC, TRITON_NHD
 from attention_backend.page_estimate import pages_bulk_lse, plan_pages
 from attention_backend.page_summaries import MAX, MEAN, MIN, VAR, PageSummaries
@@ -63,7 +64,7 @@ def test_refresh_step_by_step_matches_one_pass(layout):
     mapping), leave the same summaries as one refresh of everything."""
     final = [70, 45, 129]
     case = make_case(final, num_kv_heads=2, group=2, block_size=BLOCK, dtype=torch.float32, layout=layout)
-    store = PageSummaries(16)
+    store = PageSummaries(16, key_bits=4)
     lengths = [30, 40, 100]  # the prefill, in two chunks
     for start, end in ((0, 17), (17, None)):
         stop = [min(n, end) if end else n for n in lengths]
@@ -76,6 +77,32 @@ def test_refresh_step_by_step_matches_one_pass(layout):
         store.refresh(0, layout, case.key_cache, slots)
         lengths = nxt
     assert_summaries(store, case)
+    # the key copy too: every chunk re-coded on its final grid
+    once = page_summaries(case, 16, key_bits=4)
+    slots = slot_mapping(case)
+    torch.testing.assert_close(store.codes[0].flatten(0, 1)[slots], once.codes[0].flatten(0, 1)[slots])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_key_copy_holds_each_key_within_half_a_step_of_its_chunks_grid(layout, bits):
+    """Per channel, on the chunk's own min / max: |k - dequantized| <= step / 2, and the chunk's
+    min and max themselves are exact."""
+    case = make_case(SEQ_LENS, num_kv_heads=3, group=3, block_size=BLOCK, dtype=torch.float32, layout=layout)
+    store = page_summaries(case, 16, key_bits=bits)
+    copy = store.key_copy(0, layout, case.key_cache)
+    assert copy.codes.shape[-1] == case.key_cache.shape[-1] * bits // 8
+    for row, length in enumerate(case.seq_lens.tolist()):
+        for index in range(-(-length // 16)):
+            keys = case.keys[row][index * 16 : (index + 1) * 16].float()  # [n, Hkv, D]
+            pos = index * 16
+            chunk_id = (int(case.block_table[row, pos // BLOCK]) * BLOCK + pos % BLOCK) // 16
+            low, high = copy.stats[MIN, chunk_id], copy.stats[MAX, chunk_id]
+            got = dequantize(copy.codes[chunk_id, : len(keys)], low, high, bits)
+            step = (high - low) / (2**bits - 1)
+            assert ((got - keys).abs() <= step / 2 + 1e-5).all(), (row, index)
+            torch.testing.assert_close(got.amin(0), low)
+            torch.testing.assert_close(got.amax(0), high)
 
 
 def test_a_reused_block_is_summarised_over_its_new_tokens_only():
