@@ -4,7 +4,8 @@ Each key is quantized per channel on the grid of its page-summary chunk (as KIVI
 per channel): `bits`-bit codes of (k - min) / step, step = (max - min) / (2^bits - 1), with min
 and max the chunk's own (`page_summaries`), so the copy costs bits / 32 of an fp32 key cache plus
 the chunks' min / max that the summaries store anyway. Codes are packed 8 / bits to a byte along
-the head dimension (dimension d in byte d // per at bit (d % per) * bits).
+the head dimension: with per = 8 / bits, dimension i * D / per + j in byte j at bit i * bits, so
+each shift of the bytes gives a contiguous run of dimensions (`pieces`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ KEY_BITS = (0, 2, 4, 8)  # 0: no copy
 class KeyCopy(NamedTuple):
     """One layer's key copy: what a ranking reads."""
 
-    codes: Tensor  # [num_chunks, chunk, Hkv, D * bits / 8] uint8, chunk i = slots [i * chunk, ...)
+    codes: Tensor  # [num_chunks, Hkv, chunk, D * bits / 8] uint8, chunk i = slots [i * chunk, ...)
     stats: Tensor  # the layer's page summaries [4, num_chunks, Hkv, D]: MIN and MAX are the grid
     bits: int
 
@@ -33,22 +34,28 @@ def code_bytes(head_dim: int, bits: int) -> int:
 
 
 def quantize(keys: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
-    """Packed codes [N, chunk, Hkv, D * bits / 8] of keys [N, chunk, Hkv, D] on the grid of each
+    """Packed codes [N, Hkv, chunk, D * bits / 8] of keys [N, chunk, Hkv, D] on the grid of each
     chunk's per-channel low / high [N, Hkv, D] (a constant channel codes as 0)."""
     levels = 2**bits - 1
     step = ((high - low) / levels).unsqueeze(1)
     scaled = torch.where(step > 0, (keys - low.unsqueeze(1)) / step, 0.0)
-    codes = scaled.nan_to_num(0.0).round_().clamp_(0, levels).to(torch.uint8)
+    codes = scaled.nan_to_num(0.0).round_().clamp_(0, levels).to(torch.uint8).transpose(1, 2)
     per = 8 // bits
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=keys.device)
-    grouped = codes.view(*codes.shape[:-1], -1, per) << shifts
-    return grouped.sum(-1, dtype=torch.uint8) if per > 1 else grouped.squeeze(-1)
+    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=keys.device).view(-1, 1)
+    runs = codes.unflatten(-1, (per, -1)) << shifts  # [N, Hkv, chunk, per, D / per]
+    return runs.sum(-2, dtype=torch.uint8)
+
+
+def pieces(packed: Tensor, bits: int) -> list[Tensor]:
+    """The codes of packed [..., D * bits / 8] as 8 / bits uint8 runs [..., D * bits / 8], run i
+    holding dimensions [i * D * bits / 8, (i + 1) * D * bits / 8)."""
+    mask = 2**bits - 1
+    return [packed & mask if i == 0 else (packed >> i) & mask for i in range(0, 8, bits)]
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
     """uint8 codes [..., D] of packed [..., D * bits / 8]."""
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+    return torch.cat(pieces(packed, bits), dim=-1)
 
 
 def dequantize(packed: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:

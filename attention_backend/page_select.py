@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .key_codes import KeyCopy, unpack
+from .key_codes import KeyCopy, pieces
 from .page_estimate import PageMasses
 from .page_summaries import MAX, MIN
 from .reference import exact_lse
@@ -133,7 +133,8 @@ def key_copy_masses(
     scaled queries, kv_heads [N], block_table [N, >= nb] and seq_lens [N] of the pairs' rows.
     Returns the per-block log-mass [N, 1, G, nb] and each head's log-mass over its row [N, G]."""
     codes, stats, bits = copy
-    chunk = codes.shape[1]
+    num_chunks, num_kv_heads, chunk, nbytes = codes.shape
+    pairs, group, _ = q.shape
     lengths = seq_lens.long()
     table = _owned_blocks(block_table, lengths, block_size)
     per_block = block_size // chunk
@@ -141,12 +142,15 @@ def key_copy_masses(
     heads = kv_heads.long().view(-1, 1)
     low, high = stats[MIN][chunk_ids, heads], stats[MAX][chunk_ids, heads]  # [N, C, D]
     step = (high - low) / (2**bits - 1)
-    values = unpack(codes[chunk_ids, :, heads], bits).float()  # [N, C, chunk, D]
-    # q . (low + code * step), per chunk: q . low plus (q * step) . code
-    scores = torch.einsum("ngd,ncd->ngc", q, low).unsqueeze(-1) + torch.einsum(
-        "ngcd,nctd->ngct", q.unsqueeze(2) * step.unsqueeze(1), values
-    )
-    pairs, group = q.shape[:2]
+    rows = (chunk_ids * num_kv_heads + heads).flatten()  # one contiguous (chunk, head) run each
+    packed = codes.view(num_chunks * num_kv_heads, chunk, nbytes).index_select(0, rows)
+    packed = packed.view(pairs, -1, chunk, nbytes)  # [N, C, chunk, D * bits / 8]
+    # q . (low + code * step), per chunk: q . low plus (q * step) . code, a run of dims at a time
+    weights = q.unsqueeze(2) * step.unsqueeze(1)  # [N, G, C, D]
+    scores = torch.einsum("ngd,ncd->ngc", q, low).unsqueeze(-1)
+    for i, run in enumerate(pieces(packed, bits)):
+        part = weights[..., i * nbytes : (i + 1) * nbytes]
+        scores = scores + torch.einsum("ngcd,nctd->ngct", part, run.float())
     return _block_masses(scores.reshape(pairs, group, table.shape[1], block_size), lengths)
 
 

@@ -41,7 +41,8 @@ def check_page_chunk(page_chunk: int, stored_chunk: int, block_size: int | None 
 class PageSummaries:
     """Per layer: stats [4, num_blocks * block_size // chunk, Hkv, D] (MEAN, VAR, MIN, MAX);
     chunk `i` holds tokens [i * chunk, (i + 1) * chunk) of the flat slot space. With `key_bits`,
-    also the keys' codes [num_chunks, chunk, Hkv, D * key_bits / 8] on those chunks' min / max."""
+    also the keys' codes [num_chunks, Hkv, chunk, D * key_bits / 8] on those chunks' min / max
+    (a chunk's codes of one KV head contiguous: what a ranking gathers)."""
 
     def __init__(self, chunk: int, key_bits: int = 0) -> None:
         self.chunk = chunk
@@ -65,7 +66,7 @@ class PageSummaries:
             if self.key_bits:
                 nbytes = code_bytes(shape[-1], self.key_bits)
                 self.codes[layer] = torch.zeros(
-                    (num_chunks, self.chunk, shape[2], nbytes), dtype=torch.uint8, device=key_cache.device
+                    (num_chunks, shape[2], self.chunk, nbytes), dtype=torch.uint8, device=key_cache.device
                 )
         return stats
 

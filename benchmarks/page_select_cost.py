@@ -1,7 +1,7 @@
 """What page selection costs per layer on CPU, next to what it saves: `paged_decode` with every
-KV group long (head decisions only, then with page selection by the page estimates or by
-partial key scores), vLLM's kernel reading everything, and the selection's own steps alone, at
-SmolLM2's shapes (Hkv 3, G 3, D 64, fp32, 128-token blocks, pages of 32).
+KV group long (head decisions only, then with page selection by the page estimates, by partial
+key scores or by the 4-bit key copy), vLLM's kernel reading everything, and the selection's own
+steps alone, at SmolLM2's shapes (Hkv 3, G 3, D 64, fp32, 128-token blocks, pages of 32).
 
     python -m benchmarks.page_select_cost                  # 7k x batch 1/8
     python -m benchmarks.page_select_cost --contexts 4000 7000 --batches 8
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from attention_backend.cpu_kernel import paged_decode, stock_decode
-from attention_backend.page_select import key_dim_masses, select_blocks
+from attention_backend.page_select import key_copy_masses, key_dim_masses, select_blocks
 from attention_backend.settings import QadaSettings
-from attention_backend.testing.paged_cases import make_case, policy_inputs
+from attention_backend.testing.paged_cases import make_case, page_summaries, policy_inputs
 from benchmarks.page_cost import best_of
 
 # tau 0.01: every group long, so that the long read (what selection shrinks) is all there is
@@ -28,6 +28,7 @@ VARIANTS = {
     "head decisions only": {},
     "top-16 blocks by page estimates": {"page_top_k": 16},
     "top-4 blocks by 16 key dims": {"page_top_k": 4, "page_rank_dims": 16},
+    "top-p 10% by the 4-bit key copy": {"page_budget": 0.1, "page_rank_bits": 4},
 }
 
 
@@ -51,6 +52,10 @@ def measure(context: int, batch: int, repeats: int) -> dict:
         lambda: key_dim_masses(q.flatten(0, 1), pairs % 3, case.key_cache, tables, lengths, 16), repeats
     )
     row["select_blocks"] = best_of(lambda: select_blocks(masses, total, lengths, settings, 128), repeats)
+    copy = page_summaries(case, 32, key_bits=4).key_copy(0, case.layout, case.key_cache)
+    row["key copy scores (4 bits)"] = best_of(
+        lambda: key_copy_masses(q.flatten(0, 1), pairs % 3, copy, tables, lengths, 128), repeats
+    )
     return {k: v if k in ("context", "batch") else round(1e3 * v, 3) for k, v in row.items()}
 
 

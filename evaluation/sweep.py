@@ -94,7 +94,7 @@ TAU_FAMILIES = {
         for bits in (2, 4, 8)
         for name, selection in {
             **{f"k{k}": {"page_top_k": k} for k in (2, 4, 8, 12, 16)},
-            **{f"p{budget * 100:02.0f}": {"page_budget": budget} for budget in (0.02, 0.05, 0.1)},
+            **{f"p{budget * 100:02.0f}": {"page_budget": budget} for budget in (0.02, 0.05, 0.1, 0.15)},
         }.items()
     },
     # diagnostics: every 2nd / 3rd layer ranks (SmolLM2's 30 layers), the others reuse its choice

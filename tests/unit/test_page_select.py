@@ -414,7 +414,7 @@ def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits) -> None:
         pos = torch.arange(length)
         chunk_ids = (case.block_table[b, pos // BS].long() * BS + pos % BS) // 16
         slots = case.block_table[b, pos // BS].long() * BS + pos % BS
-        codes = copy.codes.flatten(0, 1)[slots, h]  # [L, D * bits / 8]
+        codes = copy.codes.transpose(1, 2).flatten(0, 1)[slots, h]  # [L, D * bits / 8]
         keys = dequantize(codes, copy.stats[MIN, chunk_ids, h], copy.stats[MAX, chunk_ids, h], bits)
         scores = q[b, h] @ keys.T  # [G, L]
         torch.testing.assert_close(total[i], scores.logsumexp(-1))

@@ -80,7 +80,10 @@ def test_refresh_step_by_step_matches_one_pass(layout):
     # the key copy too: every chunk re-coded on its final grid
     once = page_summaries(case, 16, key_bits=4)
     slots = slot_mapping(case)
-    torch.testing.assert_close(store.codes[0].flatten(0, 1)[slots], once.codes[0].flatten(0, 1)[slots])
+    def by_slot(codes):  # [slots, Hkv, D * bits / 8]
+        return codes.transpose(1, 2).flatten(0, 1)
+
+    torch.testing.assert_close(by_slot(store.codes[0])[slots], by_slot(once.codes[0])[slots])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -98,7 +101,7 @@ def test_the_key_copy_holds_each_key_within_half_a_step_of_its_chunks_grid(layou
             pos = index * 16
             chunk_id = (int(case.block_table[row, pos // BLOCK]) * BLOCK + pos % BLOCK) // 16
             low, high = copy.stats[MIN, chunk_id], copy.stats[MAX, chunk_id]
-            got = dequantize(copy.codes[chunk_id, : len(keys)], low, high, bits)
+            got = dequantize(copy.codes[chunk_id, :, : len(keys)].transpose(0, 1), low, high, bits)
             step = (high - low) / (2**bits - 1)
             assert ((got - keys).abs() <= step / 2 + 1e-5).all(), (row, index)
             torch.testing.assert_close(got.amin(0), low)
