@@ -80,6 +80,7 @@ def test_refresh_step_by_step_matches_one_pass(layout):
     # the key copy too: every chunk re-coded on its final grid
     once = page_summaries(case, 16, key_bits=4)
     slots = slot_mapping(case)
+
     def by_slot(codes):  # [slots, Hkv, D * bits / 8]
         return codes.transpose(1, 2).flatten(0, 1)
 
