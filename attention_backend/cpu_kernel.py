@@ -213,24 +213,14 @@ def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs) -> Ten
             return inputs.blocks.index_select(0, row)
         last = (seq_lens - 1) // plan.block_size
         return torch.arange(int(last.max()) + 1) <= last.unsqueeze(1)
-    if settings.ranks_by_key_copy:  # every key's score from the low-bit copy
-        masses, total = key_copy_masses(
-            q.reshape(-1, group, head_dim).index_select(0, pairs),
-            pairs % num_kv_heads,
-            inputs.key_copy,
-            batch.block_table.index_select(0, row),
-            seq_lens,
-            plan.block_size,
-        )
-    elif settings.page_rank_dims:  # partial key scores
-        masses, total = key_dim_masses(
-            q.reshape(-1, group, head_dim).index_select(0, pairs),
-            pairs % num_kv_heads,
-            batch.key_cache,
-            batch.block_table.index_select(0, row),
-            seq_lens,
-            settings.page_rank_dims,
-        )
+    if settings.ranks_by_key_copy or settings.page_rank_dims:  # scores of each pair's own keys
+        pair_q, heads = q.reshape(-1, group, head_dim).index_select(0, pairs), pairs % num_kv_heads
+        tables = batch.block_table.index_select(0, row)
+        if settings.ranks_by_key_copy:  # every key, from the low-bit copy
+            masses, total = key_copy_masses(pair_q, heads, inputs.key_copy, tables, seq_lens, plan.block_size)
+        else:  # partial key scores, from the cache
+            key_cache, dims = batch.key_cache, settings.page_rank_dims
+            masses, total = key_dim_masses(pair_q, heads, key_cache, tables, seq_lens, dims)
     else:  # the page estimates, or the oracle's exact block masses
         bulk = inputs.bulk_lse if bulk_lse is None else bulk_lse
         total = torch.logaddexp(local_lse.flatten(1), bulk).view(-1, group).index_select(0, pairs)

@@ -68,7 +68,9 @@ def measure(server, prompts_by_context, batches, new_tokens, repeats) -> list[di
                 if after:
                     d = {k: after[k] - before[k] for k in after}
                     local = d["local"] / max(1, d["local"] + d["long"])
-                    read = d["bytes_read"] / max(1, d["bytes_read"] + d["bytes_skipped"])
+                    # of full attention's bytes; the key copy (page_rank_bits) is read too
+                    copy = d.get("bytes_key_copy_read", 0)
+                    read = (d["bytes_read"] + copy) / max(1, d["bytes_read"] + d["bytes_skipped"])
             rows.append(
                 {
                     "context": context,
