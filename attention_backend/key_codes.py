@@ -33,11 +33,16 @@ def code_bytes(head_dim: int, bits: int) -> int:
     return head_dim * bits // 8
 
 
+def grid_step(low: Tensor, high: Tensor, bits: int) -> Tensor:
+    """The value of one code step on the grid [low, high]."""
+    return (high - low) / (2**bits - 1)
+
+
 def quantize(keys: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
     """Packed codes [N, Hkv, chunk, D * bits / 8] of keys [N, chunk, Hkv, D] on the grid of each
     chunk's per-channel low / high [N, Hkv, D] (a constant channel codes as 0)."""
     levels = 2**bits - 1
-    step = ((high - low) / levels).unsqueeze(1)
+    step = grid_step(low, high, bits).unsqueeze(1)
     scaled = torch.where(step > 0, (keys - low.unsqueeze(1)) / step, 0.0)
     codes = scaled.nan_to_num(0.0).round_().clamp_(0, levels).to(torch.uint8).transpose(1, 2)
     per = 8 // bits
@@ -49,8 +54,7 @@ def quantize(keys: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
 def pieces(packed: Tensor, bits: int) -> list[Tensor]:
     """The codes of packed [..., D * bits / 8] as 8 / bits uint8 runs [..., D * bits / 8], run i
     holding dimensions [i * D * bits / 8, (i + 1) * D * bits / 8)."""
-    mask = 2**bits - 1
-    return [packed & mask if i == 0 else (packed >> i) & mask for i in range(0, 8, bits)]
+    return [(packed >> shift) & (2**bits - 1) for shift in range(0, 8, bits)]
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
@@ -61,4 +65,4 @@ def unpack(packed: Tensor, bits: int) -> Tensor:
 def dequantize(packed: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
     """The keys the codes stand for: low + code * step, with low / high broadcast against the
     unpacked codes [..., D]."""
-    return low + unpack(packed, bits).float() * ((high - low) / (2**bits - 1))
+    return low + unpack(packed, bits).float() * grid_step(low, high, bits)

@@ -11,9 +11,9 @@ local mass plus its estimated bulk mass (a share is what the head decision thres
 block); or, with `page_rank_dims`, SparQ's partial scores on the key dimensions where the group's
 queries are largest, read from the cache (`key_dim_masses`); or, with `page_rank_bits`, the
 scores of every key from a low-bit copy of the keys (`key_copy_masses`); or the oracle's exact
-masses; or,
-with `page_rank_layers`, once per row in a rank layer, from the exact masses of all its heads
-there (`rank_layer_blocks`), the layers after it reading the same blocks in every long group.
+masses; or, with `page_rank_layers`, once per row in a rank layer, from the exact masses of all
+its heads there (`rank_layer_blocks`), the layers after it reading the same blocks in every long
+group.
 
 Blocks are vLLM's KV blocks (128 tokens on CPU): the unit the stock kernel reads through a
 block table (`cpu_kernel`), so a selection is read at the stock kernel's speed.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from .key_codes import KeyCopy, pieces
+from .key_codes import KeyCopy, grid_step, pieces
 from .page_estimate import PageMasses
 from .page_summaries import MAX, MIN
 from .reference import exact_lse
@@ -141,7 +141,7 @@ def key_copy_masses(
     chunk_ids = (table.unsqueeze(-1) * per_block + torch.arange(per_block, device=q.device)).flatten(1)
     heads = kv_heads.long().view(-1, 1)
     low, high = stats[MIN][chunk_ids, heads], stats[MAX][chunk_ids, heads]  # [N, C, D]
-    step = (high - low) / (2**bits - 1)
+    step = grid_step(low, high, bits)
     rows = (chunk_ids * num_kv_heads + heads).flatten()  # one contiguous (chunk, head) run each
     packed = codes.view(num_chunks * num_kv_heads, chunk, nbytes).index_select(0, rows)
     packed = packed.view(pairs, -1, chunk, nbytes)  # [N, C, chunk, D * bits / 8]

@@ -112,6 +112,12 @@ def reference_selection(case: PagedCase, cfg: QadaSettings, inputs) -> list[list
     return out
 
 
+def grouped_queries(case: PagedCase) -> torch.Tensor:
+    """The case's scaled queries by KV group, [B, Hkv, G, D] (scores = q . k)."""
+    rows, num_heads, head_dim = case.query.shape
+    return (case.query * case.scale).view(rows, case.num_kv_heads, num_heads // case.num_kv_heads, head_dim)
+
+
 def poison_all_but(case: PagedCase, chosen: list[list[set[int]]]) -> None:
     """NaN into every block of every (row, KV head) outside its chosen set."""
     for b, length in enumerate(case.seq_lens.tolist()):
@@ -401,9 +407,7 @@ def test_a_rank_layer_chooses_each_rows_blocks_and_later_layers_read_only_them(s
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits) -> None:
     case = sample_case(9)
-    rows, num_heads, head_dim = case.query.shape
-    group = num_heads // case.num_kv_heads
-    q = (case.query * case.scale).view(rows, case.num_kv_heads, group, head_dim)
+    q = grouped_queries(case)
     copy = page_summaries(case, 16, key_bits=bits).key_copy(0, case.layout, case.key_cache)
     pairs = torch.tensor([0, 2, 4, 5, 7, 9, 11])  # (row, KV head) = (p // 3, p % 3)
     masses, total = key_copy_masses(
@@ -435,9 +439,8 @@ def test_key_copy_ranking_never_reads_the_unselected_blocks_and_outputs_match(se
     case = sample_case(10)
     cfg = settings(**selection, page_rank_bits=4).replace(tau=0.95)
     inputs = policy_inputs(case, cfg)
-    rows, num_heads, head_dim = case.query.shape
-    group = num_heads // case.num_kv_heads
-    q = (case.query * case.scale).view(rows, case.num_kv_heads, group, head_dim)
+    q = grouped_queries(case)
+    rows = q.shape[0]
     pairs = torch.arange(rows * case.num_kv_heads)
     row_of = pairs // case.num_kv_heads
     masses, total = key_copy_masses(
