@@ -5,7 +5,9 @@ per channel): `bits`-bit codes of (k - min) / step, step = (max - min) / (2^bits
 and max the chunk's own (`page_summaries`), so the copy costs bits / 32 of an fp32 key cache plus
 the chunks' min / max that the summaries store anyway. Codes are packed 8 / bits to a byte along
 the head dimension: with per = 8 / bits, dimension i * D / per + j in byte j at bit i * bits, so
-each shift of the bytes gives a contiguous run of dimensions (`pieces`).
+each shift of the bytes gives a contiguous run of dimensions (`pieces`). A chunk's codes are
+stored byte-major, [D * bits / 8, chunk]: byte b of its tokens side by side, so that a ranking
+scores all the chunk's tokens one dimension at a time (`key_copy_kernel.c`, vectorized over tokens).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ KEY_BITS = (0, 2, 4, 8)  # 0: no copy
 class KeyCopy(NamedTuple):
     """One layer's key copy: what a ranking reads."""
 
-    codes: Tensor  # [num_chunks, Hkv, chunk, D * bits / 8] uint8, chunk i = slots [i * chunk, ...)
+    codes: Tensor  # [num_chunks, Hkv, D * bits / 8, chunk] uint8, chunk i = slots [i * chunk, ...)
     stats: Tensor  # the layer's page summaries [4, num_chunks, Hkv, D]: MIN and MAX are the grid
     bits: int
 
@@ -39,8 +41,8 @@ def grid_step(low: Tensor, high: Tensor, bits: int) -> Tensor:
 
 
 def quantize(keys: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
-    """Packed codes [N, Hkv, chunk, D * bits / 8] of keys [N, chunk, Hkv, D] on the grid of each
-    chunk's per-channel low / high [N, Hkv, D] (a constant channel codes as 0)."""
+    """Packed codes [N, Hkv, D * bits / 8, chunk] (byte-major) of keys [N, chunk, Hkv, D] on the
+    grid of each chunk's per-channel low / high [N, Hkv, D] (a constant channel codes as 0)."""
     levels = 2**bits - 1
     step = grid_step(low, high, bits).unsqueeze(1)
     scaled = torch.where(step > 0, (keys - low.unsqueeze(1)) / step, 0.0)
@@ -48,7 +50,7 @@ def quantize(keys: Tensor, low: Tensor, high: Tensor, bits: int) -> Tensor:
     per = 8 // bits
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=keys.device).view(-1, 1)
     runs = codes.unflatten(-1, (per, -1)) << shifts  # [N, Hkv, chunk, per, D / per]
-    return runs.sum(-2, dtype=torch.uint8)
+    return runs.sum(-2, dtype=torch.uint8).transpose(-1, -2).contiguous()
 
 
 def pieces(packed: Tensor, bits: int) -> list[Tensor]:

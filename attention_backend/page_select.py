@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from . import key_copy_kernel
 from .key_codes import KeyCopy, grid_step, pieces
 from .page_estimate import PageMasses
 from .page_summaries import MAX, MIN
@@ -126,31 +127,45 @@ def key_dim_masses(
 
 
 def key_copy_masses(
-    q: Tensor, kv_heads: Tensor, copy: KeyCopy, block_table: Tensor, seq_lens: Tensor, block_size: int
+    q: Tensor,
+    kv_heads: Tensor,
+    copy: KeyCopy,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    block_size: int,
+    *,
+    native: bool = True,
 ) -> tuple[PageMasses, Tensor]:
     """The scores of every key of the N (row, KV head) pairs' rows from the layer's low-bit key
     copy (`key_codes`, bits / 32 of the keys, and the chunks' min / max), as page masses: q [N, G, D]
     scaled queries, kv_heads [N], block_table [N, >= nb] and seq_lens [N] of the pairs' rows.
-    Returns the per-block log-mass [N, 1, G, nb] and each head's log-mass over its row [N, G]."""
+    Returns the per-block log-mass [N, 1, G, nb] and each head's log-mass over its row [N, G].
+    On the CPU one C loop reads the codes in place (`key_copy_kernel`); with `native=False`, or
+    where it cannot be built, PyTorch ops compute the same from unpacked fp32 codes."""
     codes, stats, bits = copy
-    num_chunks, num_kv_heads, chunk, nbytes = codes.shape
+    num_chunks, num_kv_heads, nbytes, chunk = codes.shape
     pairs, group, _ = q.shape
     lengths = seq_lens.long()
     table = _owned_blocks(block_table, lengths, block_size)
+    computed = key_copy_kernel.block_lse(q, kv_heads, copy, table, lengths, block_size) if native else None
+    if computed is not None:
+        block_lse, total = computed
+        blocks = torch.arange(table.shape[1], device=q.device).expand(pairs, -1)
+        return PageMasses(block_lse.unsqueeze(1), blocks), total
     per_block = block_size // chunk
     chunk_ids = (table.unsqueeze(-1) * per_block + torch.arange(per_block, device=q.device)).flatten(1)
     heads = kv_heads.long().view(-1, 1)
     low, high = stats[MIN][chunk_ids, heads], stats[MAX][chunk_ids, heads]  # [N, C, D]
     step = grid_step(low, high, bits)
     rows = (chunk_ids * num_kv_heads + heads).flatten()  # one contiguous (chunk, head) run each
-    packed = codes.view(num_chunks * num_kv_heads, chunk, nbytes).index_select(0, rows)
-    packed = packed.view(pairs, -1, chunk, nbytes)  # [N, C, chunk, D * bits / 8]
+    packed = codes.view(num_chunks * num_kv_heads, nbytes, chunk).index_select(0, rows)
+    packed = packed.view(pairs, -1, nbytes, chunk)  # [N, C, D * bits / 8, chunk]
     # q . (low + code * step), per chunk: q . low plus (q * step) . code, a run of dims at a time
     weights = q.unsqueeze(2) * step.unsqueeze(1)  # [N, G, C, D]
     scores = torch.einsum("ngd,ncd->ngc", q, low).unsqueeze(-1)
     for i, run in enumerate(pieces(packed, bits)):
         part = weights[..., i * nbytes : (i + 1) * nbytes]
-        scores = scores + torch.einsum("ngcd,nctd->ngct", part, run.float())
+        scores = scores + torch.einsum("ngcd,ncdt->ngct", part, run.float())
     return _block_masses(scores.reshape(pairs, group, table.shape[1], block_size), lengths)
 
 

@@ -41,8 +41,8 @@ def check_page_chunk(page_chunk: int, stored_chunk: int, block_size: int | None 
 class PageSummaries:
     """Per layer: stats [4, num_blocks * block_size // chunk, Hkv, D] (MEAN, VAR, MIN, MAX);
     chunk `i` holds tokens [i * chunk, (i + 1) * chunk) of the flat slot space. With `key_bits`,
-    also the keys' codes [num_chunks, Hkv, chunk, D * key_bits / 8] on those chunks' min / max
-    (a chunk's codes of one KV head contiguous: what a ranking gathers)."""
+    also the keys' codes [num_chunks, Hkv, D * key_bits / 8, chunk] on those chunks' min / max
+    (a chunk's codes of one KV head contiguous, byte-major: what a ranking reads, `key_codes`)."""
 
     def __init__(self, chunk: int, key_bits: int = 0) -> None:
         self.chunk = chunk
@@ -66,7 +66,7 @@ class PageSummaries:
             if self.key_bits:
                 nbytes = code_bytes(shape[-1], self.key_bits)
                 self.codes[layer] = torch.zeros(
-                    (num_chunks, shape[2], self.chunk, nbytes), dtype=torch.uint8, device=key_cache.device
+                    (num_chunks, shape[2], nbytes, self.chunk), dtype=torch.uint8, device=key_cache.device
                 )
         return stats
 

@@ -53,9 +53,13 @@ def measure(context: int, batch: int, repeats: int) -> dict:
     )
     row["select_blocks"] = best_of(lambda: select_blocks(masses, total, lengths, settings, 128), repeats)
     copy = page_summaries(case, 32, key_bits=4).key_copy(0, case.layout, case.key_cache)
-    row["key copy scores (4 bits)"] = best_of(
-        lambda: key_copy_masses(q.flatten(0, 1), pairs % 3, copy, tables, lengths, 128), repeats
-    )
+    for name, native in (("key copy scores (4 bits), C kernel", True), ("the same by PyTorch ops", False)):
+        row[name] = best_of(
+            lambda n=native: key_copy_masses(
+                q.flatten(0, 1), pairs % 3, copy, tables, lengths, 128, native=n
+            ),
+            repeats,
+        )
     return {k: v if k in ("context", "batch") else round(1e3 * v, 3) for k, v in row.items()}
 
 
@@ -66,8 +70,12 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[7000])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (the serving worker has one core)"
+    )
     parser.add_argument("--out", type=Path, default=Path("results/page_select_cost.json"))
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     rows = [measure(c, b, args.repeats) for c in args.contexts for b in args.batches]
     keys = [k for k in rows[0] if k not in ("context", "batch")]
     print("| context | batch | " + " | ".join(f"{k} (ms)" for k in keys) + " |")

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from attention_backend import key_copy_kernel
 from attention_backend.context import StepDecisions
 from attention_backend.counters import DecisionCounters
 from attention_backend.cpu_kernel import paged_decode
@@ -404,21 +405,31 @@ def test_a_rank_layer_chooses_each_rows_blocks_and_later_layers_read_only_them(s
     assert_read_only(case, result, chosen)
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernel", "torch-ops"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits) -> None:
+@pytest.mark.parametrize("chunk", [8, 16, 32])  # 8: a page size the C kernel leaves to PyTorch
+def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits, native, chunk) -> None:
+    """Both ways of ranking by the copy: the C kernel reading the codes in place, and PyTorch ops."""
+    assert key_copy_kernel.library() is not None, "the C kernel did not build (see the warning)"
     case = sample_case(9)
     q = grouped_queries(case)
-    copy = page_summaries(case, 16, key_bits=bits).key_copy(0, case.layout, case.key_cache)
+    copy = page_summaries(case, chunk, key_bits=bits).key_copy(0, case.layout, case.key_cache)
     pairs = torch.tensor([0, 2, 4, 5, 7, 9, 11])  # (row, KV head) = (p // 3, p % 3)
     masses, total = key_copy_masses(
-        q.flatten(0, 1)[pairs], pairs % 3, copy, case.block_table[pairs // 3], case.seq_lens[pairs // 3], BS
+        q.flatten(0, 1)[pairs],
+        pairs % 3,
+        copy,
+        case.block_table[pairs // 3],
+        case.seq_lens[pairs // 3],
+        BS,
+        native=native,
     )
     for i, (b, h) in enumerate(zip((pairs // 3).tolist(), (pairs % 3).tolist())):
         length = int(case.seq_lens[b])
         pos = torch.arange(length)
-        chunk_ids = (case.block_table[b, pos // BS].long() * BS + pos % BS) // 16
+        chunk_ids = (case.block_table[b, pos // BS].long() * BS + pos % BS) // chunk
         slots = case.block_table[b, pos // BS].long() * BS + pos % BS
-        codes = copy.codes.transpose(1, 2).flatten(0, 1)[slots, h]  # [L, D * bits / 8]
+        codes = copy.codes.permute(0, 3, 1, 2).flatten(0, 1)[slots, h]  # [L, D * bits / 8]
         keys = dequantize(codes, copy.stats[MIN, chunk_ids, h], copy.stats[MAX, chunk_ids, h], bits)
         scores = q[b, h] @ keys.T  # [G, L]
         torch.testing.assert_close(total[i], scores.logsumexp(-1))
@@ -426,6 +437,7 @@ def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits) -> None:
             torch.testing.assert_close(
                 masses.logits[i, 0, :, k], scores[:, k * BS : (k + 1) * BS].logsumexp(-1)
             )
+        assert (masses.logits[i, 0, :, -(-length // BS) :] == -math.inf).all()  # past the row
         # within sum_d |q_d| step_d / 2 of the exact scores
         step = (copy.stats[MAX, chunk_ids, h] - copy.stats[MIN, chunk_ids, h]) / (2**bits - 1)
         exact = q[b, h] @ case.keys[b][:, h].float().T

@@ -82,7 +82,7 @@ def test_refresh_step_by_step_matches_one_pass(layout):
     slots = slot_mapping(case)
 
     def by_slot(codes):  # [slots, Hkv, D * bits / 8]
-        return codes.transpose(1, 2).flatten(0, 1)
+        return codes.permute(0, 3, 1, 2).flatten(0, 1)
 
     torch.testing.assert_close(by_slot(store.codes[0])[slots], by_slot(once.codes[0])[slots])
 
@@ -95,14 +95,14 @@ def test_the_key_copy_holds_each_key_within_half_a_step_of_its_chunks_grid(layou
     case = make_case(SEQ_LENS, num_kv_heads=3, group=3, block_size=BLOCK, dtype=torch.float32, layout=layout)
     store = page_summaries(case, 16, key_bits=bits)
     copy = store.key_copy(0, layout, case.key_cache)
-    assert copy.codes.shape[-1] == case.key_cache.shape[-1] * bits // 8
+    assert copy.codes.shape[-2:] == (case.key_cache.shape[-1] * bits // 8, 16)
     for row, length in enumerate(case.seq_lens.tolist()):
         for index in range(-(-length // 16)):
             keys = case.keys[row][index * 16 : (index + 1) * 16].float()  # [n, Hkv, D]
             pos = index * 16
             chunk_id = (int(case.block_table[row, pos // BLOCK]) * BLOCK + pos % BLOCK) // 16
             low, high = copy.stats[MIN, chunk_id], copy.stats[MAX, chunk_id]
-            got = dequantize(copy.codes[chunk_id, :, : len(keys)].transpose(0, 1), low, high, bits)
+            got = dequantize(copy.codes[chunk_id, ..., : len(keys)].permute(2, 0, 1), low, high, bits)
             step = (high - low) / (2**bits - 1)
             assert ((got - keys).abs() <= step / 2 + 1e-5).all(), (row, index)
             torch.testing.assert_close(got.amin(0), low)

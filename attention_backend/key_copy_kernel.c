@@ -1,0 +1,191 @@
+/* Block log-masses from the low-bit key copy, read in place (`key_copy_kernel.py`).
+
+For N (row, KV head) pairs with G query heads each: the score of every key of the pair's row,
+q . (low + code * step) on the grid of the key's chunk, is q . low + (q * step) . code, and
+each KV block's log-sum-exp of them is written out, with each head's log-sum-exp over its row.
+This is `page_select.key_copy_masses` in one pass over the codes: no unpacked or fp32 copy of
+the keys is ever written. Layouts are the page summaries' (`key_codes`): codes [num_chunks, Hkv,
+D * bits / 8, chunk], byte-major (dimension i * D / per + j in byte j at bit i * bits, per =
+8 / bits), and the grid low / high [num_chunks, Hkv, D] fp32.
+
+Inner loops run over a chunk's tokens (or explicit lanes of partial sums), never one serial sum,
+so the compiler vectorizes them at -O3 without -ffast-math (whose finite-math would break -inf).
+The token-major unpack, a serial dot per token or an accumulator in memory each cost 2-4x. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define MAX_DIM 256
+#define MAX_GROUP 32
+#define SUMS 4 /* partial sums over dimensions d mod SUMS: the add chain is the bound */
+#define LANES 16 /* independent partial max / sum lanes: vector width without -ffast-math */
+
+/* exp(x) for x <= 0: 2^n * 2^f with n = round(x log2 e), |f| <= 1/2, 2^f by its degree-6 Taylor
+   polynomial (relative error < 2e-7); x below -87 (2^-125) is taken as -87. Inlined branch-free
+   so the loops calling it vectorize; expf would be called once per value. */
+static inline float exp_nonpositive(float x) {
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    x = x < -87.0f ? -87.0f : x;
+    float y = x * 1.44269504f, r = y + shifter, f = y - (r - shifter);
+    int32_t n, bits;
+    memcpy(&n, &r, sizeof n);
+    n -= 0x4B400000; /* the bits of the shifter: n = round(y) */
+    float p = 1.54035304e-4f;
+    p = p * f + 1.33335581e-3f;
+    p = p * f + 9.61812911e-3f;
+    p = p * f + 5.55041087e-2f;
+    p = p * f + 2.40226507e-1f;
+    p = p * f + 6.93147181e-1f;
+    p = p * f + 1.0f;
+    bits = (n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* log(sum(exp(s[0..n)))) for n >= 1 finite values. */
+static float log_sum_exp(const float *s, int64_t n) {
+    float lane[LANES], top = s[0];
+    int64_t whole = n - n % LANES, t;
+    for (int l = 0; l < LANES; l++)
+        lane[l] = s[0];
+    for (t = 0; t < whole; t += LANES)
+        for (int l = 0; l < LANES; l++)
+            lane[l] = s[t + l] > lane[l] ? s[t + l] : lane[l];
+    for (int l = 0; l < LANES; l++)
+        top = lane[l] > top ? lane[l] : top;
+    for (; t < n; t++)
+        top = s[t] > top ? s[t] : top;
+    for (int l = 0; l < LANES; l++)
+        lane[l] = 0.0f;
+    for (t = 0; t < whole; t += LANES)
+        for (int l = 0; l < LANES; l++)
+            lane[l] += exp_nonpositive(s[t + l] - top);
+    float sum = 0.0f;
+    for (; t < n; t++)
+        sum += exp_nonpositive(s[t] - top);
+    for (int l = 0; l < LANES; l++)
+        sum += lane[l];
+    return top + logf(sum);
+}
+
+typedef float floats16 __attribute__((vector_size(64)));   /* GCC / Clang vector extensions */
+
+/* a . b over n floats, in 16 independent partial sums (a serial sum is a chain of adds). */
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    float lane[16] = {0}, sum = 0.0f;
+    int64_t d = 0;
+    for (; d + 16 <= n; d += 16)
+        for (int l = 0; l < 16; l++)
+            lane[l] += a[d + l] * b[d + l];
+    for (; d < n; d++)
+        sum += a[d] * b[d];
+    for (int l = 0; l < 16; l++)
+        sum += lane[l];
+    return sum;
+}
+
+/* The scores of one chunk's 16 * V tokens for the G heads, into scores[g * stride + t]: the codes
+   unpacked to fp32 once, dimension-major (code [dim][V]), then per head the sum over dimensions
+   of weight * code, in SUMS * V vector registers. Inlined with V a constant. */
+static inline __attribute__((always_inline)) void score_chunk(
+    const float *restrict qn, const uint8_t *restrict bytes, const float *restrict lo,
+    const float *restrict hi, int64_t group, int64_t dim, int64_t bits, const int V,
+    int64_t stride, float *restrict scores, floats16 *restrict code) {
+    const int64_t nbytes = dim * bits / 8, per = 8 / bits, chunk = 16 * V;
+    const int mask = (1 << bits) - 1;
+    const float levels = (float)mask;
+    float step[MAX_DIM];
+    for (int64_t b = 0; b < nbytes; b++)
+        for (int64_t i = 0; i < per; i++) {
+            const int shift = (int)(i * bits);
+            float *column = (float *)(code + (i * nbytes + b) * V);
+            for (int64_t t = 0; t < chunk; t++)
+                column[t] = (float)((bytes[b * chunk + t] >> shift) & mask);
+        }
+    for (int64_t d = 0; d < dim; d++)
+        step[d] = (hi[d] - lo[d]) / levels;
+    for (int64_t g = 0; g < group; g++) {
+        const float *qg = qn + g * dim;
+        float weight[MAX_DIM + SUMS] = {0}; /* zero past dim: whole steps of SUMS dimensions */
+        for (int64_t d = 0; d < dim; d++)
+            weight[d] = qg[d] * step[d];
+        floats16 partial[SUMS][V];
+        for (int k = 0; k < SUMS; k++)
+            for (int v = 0; v < V; v++)
+                partial[k][v] = (floats16){0};
+        for (int64_t d = 0; d < dim; d += SUMS)
+            for (int k = 0; k < SUMS; k++)
+                for (int v = 0; v < V; v++)
+                    partial[k][v] += weight[d + k] * code[(d + k) * V + v];
+        const float base = dot(qg, lo, dim);
+        for (int v = 0; v < V; v++) {
+            floats16 sum = (floats16){0} + base;
+            for (int k = 0; k < SUMS; k++)
+                sum += partial[k][v];
+            memcpy(scores + g * stride + 16 * v, &sum, sizeof sum);
+        }
+    }
+}
+
+int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled queries */
+                            const int64_t *kv_heads,  /* [N] */
+                            const uint8_t *codes,     /* [num_chunks, Hkv, D * bits / 8, chunk] */
+                            const float *low,         /* [num_chunks, Hkv, D] */
+                            const float *high,        /* [num_chunks, Hkv, D] */
+                            const int64_t *table,     /* [N, nb] physical blocks, logical order */
+                            const int64_t *lengths,   /* [N] */
+                            int64_t n_pairs, int64_t group, int64_t dim, int64_t num_kv_heads,
+                            int64_t nb, int64_t block_size, int64_t chunk, int64_t bits,
+                            float *block_lse, /* [N, G, nb] out: -inf past a row's last block */
+                            float *total_lse) /* [N, G] out */
+{
+    const int sizes = chunk == 16 || chunk == 32 || chunk == 64 || chunk == 128;
+    if (dim > MAX_DIM || group > MAX_GROUP || !sizes || block_size % chunk || (dim * bits) % 8)
+        return 1;
+    const int64_t nbytes = dim * bits / 8, per_block = block_size / chunk;
+    float *scores = malloc(sizeof(float) * group * block_size);
+    /* codes [dim rounded up to SUMS][chunk / 16] vectors, the rounding zeros (so never NaN) */
+    const size_t code_size = sizeof(floats16) * (dim + SUMS) * (chunk / 16);
+    floats16 *code = aligned_alloc(sizeof(floats16), code_size);
+    if (!scores || !code) {
+        free(scores);
+        free(code);
+        return 2;
+    }
+    memset(code, 0, code_size);
+    for (int64_t n = 0; n < n_pairs; n++) {
+        const int64_t head = kv_heads[n], length = lengths[n];
+        const int64_t owned = (length - 1) / block_size + 1;
+        const float *qn = q + n * group * dim;
+        float *out = block_lse + n * group * nb;
+        for (int64_t j = owned; j < nb; j++)
+            for (int64_t g = 0; g < group; g++)
+                out[g * nb + j] = -INFINITY;
+        for (int64_t j = 0; j < owned; j++) {
+            const int64_t left = length - j * block_size;
+            const int64_t in_block = left < block_size ? left : block_size;
+            for (int64_t c = 0; c * chunk < in_block; c++) {  /* tokens past the row: ignored */
+                const int64_t cell = (table[n * nb + j] * per_block + c) * num_kv_heads + head;
+                const float *lo = low + cell * dim, *hi = high + cell * dim;
+                const uint8_t *bytes = codes + cell * nbytes * chunk;
+                float *at = scores + c * chunk;
+                switch (chunk / 16) {  /* unrolled per chunk size */
+                case 1: score_chunk(qn, bytes, lo, hi, group, dim, bits, 1, block_size, at, code); break;
+                case 2: score_chunk(qn, bytes, lo, hi, group, dim, bits, 2, block_size, at, code); break;
+                case 4: score_chunk(qn, bytes, lo, hi, group, dim, bits, 4, block_size, at, code); break;
+                case 8: score_chunk(qn, bytes, lo, hi, group, dim, bits, 8, block_size, at, code); break;
+                }
+            }
+            for (int64_t g = 0; g < group; g++)
+                out[g * nb + j] = log_sum_exp(scores + g * block_size, in_block);
+        }
+        for (int64_t g = 0; g < group; g++)
+            total_lse[n * group + g] = log_sum_exp(out + g * nb, owned);
+    }
+    free(scores);
+    free(code);
+    return 0;
+}

@@ -1,0 +1,26 @@
+"""The key copy kernel's build: cached per source, flags and CPU; a clear error without a compiler
+(its results are tested against PyTorch's in test_page_select)."""
+
+from __future__ import annotations
+
+import pytest
+
+from attention_backend import key_copy_kernel
+
+
+def test_the_kernel_is_built_once_into_the_cache_dir(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("QADA_CACHE_DIR", str(tmp_path))
+    built = key_copy_kernel.build()
+    assert built.parent == tmp_path / "kernels" and built.suffix == ".so"
+    stamp = built.stat().st_mtime_ns
+    assert key_copy_kernel.build() == built and built.stat().st_mtime_ns == stamp  # not rebuilt
+    assert [p.name for p in built.parent.iterdir()] == [built.name]  # nothing half-written left
+
+
+@pytest.mark.parametrize("compiler", ["/nonexistent/cc", "false"])
+def test_without_a_working_compiler_the_build_says_why(tmp_path, monkeypatch, compiler) -> None:
+    monkeypatch.setenv("QADA_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", compiler)
+    with pytest.raises(key_copy_kernel.KernelBuildError, match="compiler|failed"):
+        key_copy_kernel.build()
+    assert not list((tmp_path / "kernels").iterdir())
