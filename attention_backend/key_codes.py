@@ -7,7 +7,7 @@ the chunks' min / max that the summaries store anyway. Codes are packed 8 / bits
 the head dimension: with per = 8 / bits, dimension i * D / per + j in byte j at bit i * bits, so
 each shift of the bytes gives a contiguous run of dimensions (`pieces`). A chunk's codes are
 stored byte-major, [D * bits / 8, chunk]: byte b of its tokens side by side, so that a ranking
-scores all the chunk's tokens one dimension at a time (`key_copy_kernel.c`, vectorized over tokens).
+scores all the chunk's tokens one dimension at a time (`summary_scores.c`, vectorized over tokens).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor
 
+from . import summary_scores
 from .kv_layout import KVLayout
 from .page_summaries import MAX, MEAN, MIN, VAR
 from .policy import DecodeBatch, _grouped
@@ -100,10 +101,23 @@ def pages_bulk_lse(layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: Pa
 
 
 def bulk_lse_and_pages(
-    layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: PagePlan
+    layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: PagePlan, *, native: bool = True
 ) -> tuple[Tensor, PageMasses]:
-    """`pages_bulk_lse`, and the whole pages' estimates it sums."""
+    """`pages_bulk_lse`, and the whole pages' estimates it sums. On the CPU the whole pages'
+    estimates come from one C loop over the summaries in place (`summary_scores`); with
+    `native=False`, or where it cannot be built, from PyTorch ops over gathered summaries."""
     q = _grouped(batch.query, stats.shape[2]) * batch.scale  # [B, Hkv, G, D]
+    logits = summary_scores.page_logits(q, stats, plan) if native else None
+    if logits is None:
+        logits = _page_logits(q, stats, plan)
+    keys = layout.keys_at(batch.key_cache, plan.exact_blocks, plan.exact_offsets).float()  # [B, P, Hkv, D]
+    scores = _dot(q, keys).masked_fill(~plan.exact_valid[:, None, None, :], -math.inf)
+    bulk_lse = torch.logsumexp(torch.cat([logits, scores], dim=-1), dim=-1).flatten(1)
+    return bulk_lse, PageMasses(logits, plan.page_blocks)
+
+
+def _page_logits(q: Tensor, stats: Tensor, plan: PagePlan) -> Tensor:
+    """The whole pages' estimated log-masses [B, Hkv, G, J] (-inf: padding), by PyTorch ops."""
     ids = plan.chunk_ids
     if plan.bound:
         low, high = stats[MIN][ids].amin(2), stats[MAX][ids].amax(2)  # [B, J, Hkv, D]
@@ -117,11 +131,7 @@ def bulk_lse_and_pages(
         else:
             mean, var = mean.squeeze(2), var.squeeze(2)
         logits = _dot(q, mean) + 0.5 * _dot(q.square(), var)
-    logits = (logits + math.log(plan.page_chunk)).masked_fill(~plan.page_valid[:, None, None, :], -math.inf)
-    keys = layout.keys_at(batch.key_cache, plan.exact_blocks, plan.exact_offsets).float()  # [B, P, Hkv, D]
-    scores = _dot(q, keys).masked_fill(~plan.exact_valid[:, None, None, :], -math.inf)
-    bulk_lse = torch.logsumexp(torch.cat([logits, scores], dim=-1), dim=-1).flatten(1)
-    return bulk_lse, PageMasses(logits, plan.page_blocks)
+    return (logits + math.log(plan.page_chunk)).masked_fill(~plan.page_valid[:, None, None, :], -math.inf)
 
 
 def _dot(q: Tensor, per_position: Tensor) -> Tensor:

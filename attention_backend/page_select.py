@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from . import key_copy_kernel
+from . import summary_scores
 from .key_codes import KeyCopy, grid_step, pieces
 from .page_estimate import PageMasses
 from .page_summaries import MAX, MIN
@@ -140,14 +140,14 @@ def key_copy_masses(
     copy (`key_codes`, bits / 32 of the keys, and the chunks' min / max), as page masses: q [N, G, D]
     scaled queries, kv_heads [N], block_table [N, >= nb] and seq_lens [N] of the pairs' rows.
     Returns the per-block log-mass [N, 1, G, nb] and each head's log-mass over its row [N, G].
-    On the CPU one C loop reads the codes in place (`key_copy_kernel`); with `native=False`, or
+    On the CPU one C loop reads the codes in place (`summary_scores`); with `native=False`, or
     where it cannot be built, PyTorch ops compute the same from unpacked fp32 codes."""
     codes, stats, bits = copy
     num_chunks, num_kv_heads, nbytes, chunk = codes.shape
     pairs, group, _ = q.shape
     lengths = seq_lens.long()
     table = _owned_blocks(block_table, lengths, block_size)
-    computed = key_copy_kernel.block_lse(q, kv_heads, copy, table, lengths, block_size) if native else None
+    computed = summary_scores.block_lse(q, kv_heads, copy, table, lengths, block_size) if native else None
     if computed is not None:
         block_lse, total = computed
         blocks = torch.arange(table.shape[1], device=q.device).expand(pairs, -1)

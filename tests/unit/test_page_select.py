@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attention_backend import key_copy_kernel
+from attention_backend import summary_scores
 from attention_backend.context import StepDecisions
 from attention_backend.counters import DecisionCounters
 from attention_backend.cpu_kernel import paged_decode
@@ -410,7 +410,7 @@ def test_a_rank_layer_chooses_each_rows_blocks_and_later_layers_read_only_them(s
 @pytest.mark.parametrize("chunk", [8, 16, 32])  # 8: a page size the C kernel leaves to PyTorch
 def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits, native, chunk) -> None:
     """Both ways of ranking by the copy: the C kernel reading the codes in place, and PyTorch ops."""
-    assert key_copy_kernel.library() is not None, "the C kernel did not build (see the warning)"
+    assert summary_scores.library() is not None, "the C kernel did not build (see the warning)"
     case = sample_case(9)
     q = grouped_queries(case)
     copy = page_summaries(case, chunk, key_bits=bits).key_copy(0, case.layout, case.key_cache)

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
+from attention_backend import summary_scores
 from attention_backend.key_codes import dequantize
 from attention_backend.kv_layout import CPU_VEC, TRITON_NHD
-from attention_backend.page_estimate import pages_bulk_lse, plan_pages
+from attention_backend.page_estimate import bulk_lse_and_pages, pages_bulk_lse, plan_pages
 from attention_backend.page_summaries import MAX, MEAN, MIN, VAR, PageSummaries
 from attention_backend.policy import bulk_range, bulk_sizes, decide_long_heads, estimated_bulk_lse, group_rule
 from attention_backend.reference import exact_lse
@@ -149,12 +150,15 @@ def naive_pages_lse(case, b: int, settings: QadaSettings, bound: bool = False) -
     return torch.logsumexp(torch.stack(terms), 0).flatten()
 
 
-def estimate(case, settings: QadaSettings, store_chunk: int):
+def estimate(case, settings: QadaSettings, store_chunk: int, native: bool = True):
     store = page_summaries(case, store_chunk)
     plan = plan_pages(
         case.block_table, case.seq_lens, settings, block_size=case.block_size, store_chunk=store_chunk
     )
-    return pages_bulk_lse(case.layout, case.batch(), store.layer(0, case.layout, case.key_cache), plan)
+    stats = store.layer(0, case.layout, case.key_cache)
+    if native:  # the C loop (summary_scores) where it builds: the test below asserts it does
+        return pages_bulk_lse(case.layout, case.batch(), stats, plan)
+    return bulk_lse_and_pages(case.layout, case.batch(), stats, plan, native=False)[0]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -163,14 +167,16 @@ def estimate(case, settings: QadaSettings, store_chunk: int):
     [(16, 32, 32, 32), (4, 20, 16, 16), (0, 8, 64, 16), (16, 128, 32, 16), (5, 3, 16, 16)],
 )
 @pytest.mark.parametrize("stats", ["pages", "pages_bound"])
+@pytest.mark.parametrize("native", [True, False], ids=["c-kernel", "torch-ops"])
 def test_pages_estimate_matches_a_row_by_row_computation(
-    layout, t_sink, t_local, page_chunk, store_chunk, stats
+    layout, t_sink, t_local, page_chunk, store_chunk, stats, native
 ):
+    assert summary_scores.library() is not None, "the C kernels did not build (see the warning)"
     case = make_case(
         [300, 37, 129, 21, 1], num_kv_heads=3, group=2, block_size=BLOCK, dtype=torch.float32, layout=layout
     )
     settings = QadaSettings(stats=stats, t_sink=t_sink, t_local=t_local, page_chunk=page_chunk)
-    got = estimate(case, settings, store_chunk)
+    got = estimate(case, settings, store_chunk, native)
     for b in range(len(case.keys)):
         want = naive_pages_lse(case, b, settings, bound=stats == "pages_bound")
         torch.testing.assert_close(got[b], want, atol=1e-4, rtol=1e-5)

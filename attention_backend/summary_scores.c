@@ -1,12 +1,8 @@
-/* Block log-masses from the low-bit key copy, read in place (`key_copy_kernel.py`).
-
-For N (row, KV head) pairs with G query heads each: the score of every key of the pair's row,
-q . (low + code * step) on the grid of the key's chunk, is q . low + (q * step) . code, and
-each KV block's log-sum-exp of them is written out, with each head's log-sum-exp over its row.
-This is `page_select.key_copy_masses` in one pass over the codes: no unpacked or fp32 copy of
-the keys is ever written. Layouts are the page summaries' (`key_codes`): codes [num_chunks, Hkv,
-D * bits / 8, chunk], byte-major (dimension i * D / per + j in byte j at bit i * bits, per =
-8 / bits), and the grid low / high [num_chunks, Hkv, D] fp32.
+/* Scores from what the page summaries keep beside the KV cache, read in place, for the CPU path
+(`summary_scores.py` builds and loads them): the page estimates a head decision sums
+(`qada_page_logits`, `page_estimate`) and the key copy's block log-masses a page selection ranks
+(`qada_key_copy_block_lse`, `page_select.key_copy_masses`). Each is the PyTorch code's result in
+one pass: no gathered, unpacked or fp32 copy of the summaries or codes is ever written.
 
 Inner loops run over a chunk's tokens (or explicit lanes of partial sums), never one serial sum,
 so the compiler vectorizes them at -O3 without -ffast-math (whose finite-math would break -inf).
@@ -130,6 +126,12 @@ static inline __attribute__((always_inline)) void score_chunk(
     }
 }
 
+/* Block log-masses from the low-bit key copy. For N (row, KV head) pairs with G query heads each:
+the score of every key of the pair's row, q . (low + code * step) on the grid of the key's chunk,
+is q . low + (q * step) . code, and each KV block's log-sum-exp of them is written out, with each
+head's log-sum-exp over its row. Layouts are the page summaries' (`key_codes`): codes
+[num_chunks, Hkv, D * bits / 8, chunk], byte-major (dimension i * D / per + j in byte j at bit
+i * bits, per = 8 / bits), and the grid low / high [num_chunks, Hkv, D] fp32. */
 int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled queries */
                             const int64_t *kv_heads,  /* [N] */
                             const uint8_t *codes,     /* [num_chunks, Hkv, D * bits / 8, chunk] */
@@ -187,5 +189,66 @@ int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled querie
     }
     free(scores);
     free(code);
+    return 0;
+}
+
+/* Page estimates for B rows: for each (row, KV head, query head, whole bulk page j), from the
+page summaries stats [4 (mean, var, min, max), num_chunks, Hkv, D] of the page's m stored chunks
+(chunk_ids [B, J, m]): log n + q . mean + 1/2 q^2 . var with mean / var pooled over the m chunks
+(equal counts), or with `bound` Quest's log n + sum_d max(q_d min_d, q_d max_d); -inf where
+page_valid [B, J] is 0. q [B, Hkv, G, D] scaled; out [B, Hkv, G, J]. */
+int qada_page_logits(const float *q, const float *stats, const int64_t *chunk_ids,
+                     const uint8_t *page_valid, int64_t rows, int64_t num_kv_heads, int64_t group,
+                     int64_t dim, int64_t pages, int64_t m, int64_t num_chunks, float log_n,
+                     int64_t bound, float *out) {
+    if (dim > MAX_DIM || group > MAX_GROUP)
+        return 1;
+    const int64_t plane = num_chunks * num_kv_heads * dim; /* one of mean, var, min, max */
+    const float *means = stats, *vars = stats + plane, *mins = stats + 2 * plane, *maxs = stats + 3 * plane;
+    float a[MAX_DIM], b[MAX_DIM], qq[MAX_GROUP][MAX_DIM], qlow[MAX_GROUP][MAX_DIM];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const float *qh = q + (r * num_kv_heads + h) * group * dim;
+            for (int64_t g = 0; g < group; g++)
+                for (int64_t d = 0; d < dim; d++) { /* the second factor: q^2 / 2, or q's sign */
+                    const float x = qh[g * dim + d];
+                    qq[g][d] = bound ? (x > 0.0f ? x : 0.0f) : 0.5f * x * x;
+                    qlow[g][d] = bound ? (x < 0.0f ? x : 0.0f) : x;
+                }
+            float *o = out + (r * num_kv_heads + h) * group * pages;
+            for (int64_t j = 0; j < pages; j++) {
+                if (!page_valid[r * pages + j]) {
+                    for (int64_t g = 0; g < group; g++)
+                        o[g * pages + j] = -INFINITY;
+                    continue;
+                }
+                /* a, b: the page's (mean, var), or (min, max) with `bound` */
+                const int64_t *ids = chunk_ids + (r * pages + j) * m;
+                const int64_t first = (ids[0] * num_kv_heads + h) * dim;
+                for (int64_t d = 0; d < dim; d++) {
+                    a[d] = bound ? mins[first + d] : means[first + d];
+                    b[d] = bound ? maxs[first + d] : vars[first + d] + means[first + d] * means[first + d];
+                }
+                for (int64_t i = 1; i < m; i++) {
+                    const int64_t at = (ids[i] * num_kv_heads + h) * dim;
+                    for (int64_t d = 0; d < dim; d++)
+                        if (bound) {
+                            a[d] = mins[at + d] < a[d] ? mins[at + d] : a[d];
+                            b[d] = maxs[at + d] > b[d] ? maxs[at + d] : b[d];
+                        } else {
+                            a[d] += means[at + d];
+                            b[d] += vars[at + d] + means[at + d] * means[at + d];
+                        }
+                }
+                if (!bound) /* pooled: mean of the means, E[k^2] - mean^2 (clamped at 0) */
+                    for (int64_t d = 0; d < dim; d++) {
+                        a[d] /= (float)m;
+                        const float var = b[d] / (float)m - a[d] * a[d];
+                        b[d] = m == 1 ? vars[first + d] : (var > 0.0f ? var : 0.0f);
+                    }
+                for (int64_t g = 0; g < group; g++)
+                    o[g * pages + j] = log_n + dot(qlow[g], a, dim) + dot(qq[g], b, dim);
+            }
+        }
     return 0;
 }

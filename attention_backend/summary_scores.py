@@ -1,12 +1,14 @@
-"""The key copy's ranking as one C loop (`key_copy_kernel.c`), for the CPU path.
+"""Scores from the page summaries and the key copy in C (`summary_scores.c`), for the CPU path.
 
-PyTorch has no op that scores packed low-bit keys on a per-channel grid in place; composed from
-its ops (`page_select.key_copy_masses` without this kernel) the ranking gathers, unpacks and
-converts every key to fp32 first, which costs more than vLLM's kernel reading the whole cache.
-The C source is compiled on first use with the machine's C compiler (`$CC`, else `cc`) for the
-machine's own CPU (`-march=native`) into `$QADA_CACHE_DIR/kernels` (default `~/.cache/qada`),
-keyed by the source, the flags and the CPU, and loaded with ctypes. Without a compiler the
-ranking falls back to the PyTorch ops, with a warning: same results, slower.
+PyTorch has no op that scores packed low-bit keys on a per-channel grid in place, nor one that
+dots queries with summaries gathered by page: composed from its ops (`page_select` and
+`page_estimate` without this module) the key copy's ranking gathers, unpacks and converts every
+key to fp32 first, costing more than vLLM's kernel reading the whole cache, and the page
+estimate spends most of its time copying gathered summaries. The C source is compiled on first
+use with the machine's C compiler (`$CC`, else `cc`) for the machine's own CPU (`-march=native`)
+into `$QADA_CACHE_DIR/kernels` (default `~/.cache/qada`), keyed by the source, the flags and the
+CPU, and loaded with ctypes. Without a compiler both fall back to the PyTorch ops, with a
+warning: same results, slower.
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .page_estimate import PagePlan
 
 from .key_codes import KeyCopy
 from .page_summaries import MAX, MIN
@@ -80,17 +87,48 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (KernelBuildError, OSError) as error:
-        logger.warning("key copy ranking: C kernel unavailable (%s); using PyTorch ops (slower)", error)
+        logger.warning("page scores: C kernels unavailable (%s); using PyTorch ops (slower)", error)
         return None
-    lib.qada_key_copy_block_lse.restype = ctypes.c_int
-    pointers, sizes = [ctypes.c_void_p] * 7, [ctypes.c_int64] * 8
-    lib.qada_key_copy_block_lse.argtypes = [*pointers, *sizes, ctypes.c_void_p, ctypes.c_void_p]
+    pointer, size = ctypes.c_void_p, ctypes.c_int64
+    lib.qada_key_copy_block_lse.restype = lib.qada_page_logits.restype = ctypes.c_int
+    lib.qada_key_copy_block_lse.argtypes = [*[pointer] * 7, *[size] * 8, pointer, pointer]
+    lib.qada_page_logits.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, pointer]
     return lib
 
 
-def supports(head_dim: int, group: int, chunk: int) -> bool:
-    """Whether the kernel takes these shapes (its fixed buffers; chunks of whole 16-float vectors)."""
+def _on_cpu(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def supports(head_dim: int, group: int, chunk: int = 16) -> bool:
+    """Whether the kernels take these shapes (their fixed buffers; the key copy's chunks of whole
+    16-float vectors)."""
     return head_dim <= 256 and group <= 32 and chunk in (16, 32, 64, 128)
+
+
+def page_logits(q: Tensor, stats: Tensor, plan: PagePlan) -> Tensor | None:
+    """The whole pages' estimates [B, Hkv, G, J] of `page_estimate.bulk_lse_and_pages`: q
+    [B, Hkv, G, D] scaled fp32 queries, stats the layer's summaries. None where the kernel is
+    unavailable, the tensors are not on the CPU or it does not take the shapes."""
+    rows, num_kv_heads, group, head_dim = q.shape
+    if not supports(head_dim, group) or not _on_cpu(q, stats, plan.chunk_ids) or (lib := library()) is None:
+        return None
+    q, stats = q.float().contiguous(), stats.contiguous()
+    ids, valid = plan.chunk_ids.long().contiguous(), plan.page_valid.to(torch.uint8).contiguous()
+    _, pages, m = ids.shape
+    out = torch.empty(rows, num_kv_heads, group, pages)
+    inputs = [t.data_ptr() for t in (q, stats, ids, valid)]
+    sizes = (rows, num_kv_heads, group, head_dim, pages, m, stats.shape[1])
+    log_n = math.log(plan.page_chunk)
+    _check(lib.qada_page_logits(*inputs, *sizes, log_n, int(plan.bound), out.data_ptr()), head_dim, group)
+    return out
+
+
+def _check(status: int, head_dim: int, group: int) -> None:
+    if status == 2:
+        raise MemoryError("summary_scores: out of memory")
+    if status:
+        raise ValueError(f"summary_scores refused the shapes: head dim {head_dim}, {group} heads per KV head")
 
 
 def block_lse(q: Tensor, kv_heads: Tensor, copy: KeyCopy, table: Tensor, lengths: Tensor, block_size: int):
@@ -101,10 +139,7 @@ def block_lse(q: Tensor, kv_heads: Tensor, copy: KeyCopy, table: Tensor, lengths
     codes, stats, bits = copy
     pairs, group, head_dim = q.shape
     _, num_kv_heads, _, chunk = codes.shape
-    if not supports(head_dim, group, chunk) or q.device.type != "cpu" or codes.device.type != "cpu":
-        return None
-    lib = library()
-    if lib is None:
+    if not supports(head_dim, group, chunk) or not _on_cpu(q, codes) or (lib := library()) is None:
         return None
     q = q.float().contiguous()
     kv_heads, table, lengths = (t.long().contiguous() for t in (kv_heads, table, lengths))
@@ -114,7 +149,4 @@ def block_lse(q: Tensor, kv_heads: Tensor, copy: KeyCopy, table: Tensor, lengths
     tensors = (q, kv_heads, codes.contiguous(), low, high, table, lengths)
     sizes = (pairs, group, head_dim, num_kv_heads, table.shape[1], block_size, chunk, bits)
     inputs = [t.data_ptr() for t in tensors]
-    status = lib.qada_key_copy_block_lse(*inputs, *sizes, out.data_ptr(), total.data_ptr())
-    if status:
-        raise ValueError(f"key copy kernel refused the shapes (status {status}): D {head_dim}, G {group}")
-    return out, total
+    _check(lib.qada_key_copy_block_lse(*inputs, *sizes, out.data_ptr(), total.data_ptr()), head_dim, group)

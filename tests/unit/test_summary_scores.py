@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from attention_backend import key_copy_kernel
+from attention_backend import summary_scores
 
 
 def test_the_kernel_is_built_once_into_the_cache_dir(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("QADA_CACHE_DIR", str(tmp_path))
-    built = key_copy_kernel.build()
+    built = summary_scores.build()
     assert built.parent == tmp_path / "kernels" and built.suffix == ".so"
     stamp = built.stat().st_mtime_ns
-    assert key_copy_kernel.build() == built and built.stat().st_mtime_ns == stamp  # not rebuilt
+    assert summary_scores.build() == built and built.stat().st_mtime_ns == stamp  # not rebuilt
     assert [p.name for p in built.parent.iterdir()] == [built.name]  # nothing half-written left
 
 
@@ -21,6 +21,6 @@ def test_the_kernel_is_built_once_into_the_cache_dir(tmp_path, monkeypatch) -> N
 def test_without_a_working_compiler_the_build_says_why(tmp_path, monkeypatch, compiler) -> None:
     monkeypatch.setenv("QADA_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", compiler)
-    with pytest.raises(key_copy_kernel.KernelBuildError, match="compiler|failed"):
-        key_copy_kernel.build()
+    with pytest.raises(summary_scores.KernelBuildError, match=r"compiler|failed"):
+        summary_scores.build()
     assert not list((tmp_path / "kernels").iterdir())
