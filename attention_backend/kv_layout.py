@@ -37,6 +37,13 @@ class KVLayout:
             return key_cache.view(num_blocks, num_kv_heads, head_dim, block_size)[blocks, :, :, offsets]
         return key_cache[blocks, offsets]
 
+    def keys_by_head(self, key_cache: Tensor) -> Tensor:
+        """The keys as a [num_blocks, Hkv, bs, D] view (no copy)."""
+        if self is CPU_VEC:
+            num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
+            return key_cache.view(num_blocks, num_kv_heads, head_dim, block_size).transpose(2, 3)
+        return key_cache.transpose(1, 2)
+
     def values_at(self, value_cache: Tensor, blocks: Tensor, offsets: Tensor) -> Tensor:
         """Values at (physical block, offset) pairs [T] as [T, Hkv, D] (cache dtype)."""
         if self is CPU_VEC:

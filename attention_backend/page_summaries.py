@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import summary_scores
 from .key_codes import KeyCopy, code_bytes, quantize
 from .kv_layout import KVLayout
 
@@ -77,14 +78,23 @@ class PageSummaries:
         stats = self.layer(layer, layout, key_cache)
         return KeyCopy(self.codes[layer], stats, self.key_bits)
 
-    def refresh(self, layer: int, layout: KVLayout, key_cache: Tensor, slot_mapping: Tensor) -> None:
-        """Recompute every chunk the step's `slot_mapping` [T] wrote (-1: no write)."""
+    def refresh(
+        self, layer: int, layout: KVLayout, key_cache: Tensor, slot_mapping: Tensor, *, native: bool = True
+    ) -> None:
+        """Recompute every chunk the step's `slot_mapping` [T] wrote (-1: no write): on the CPU by
+        one C loop over the cache in place (`summary_scores`), else (or `native=False`) by PyTorch
+        ops."""
         stats = self.layer(layer, layout, key_cache)
         slots = slot_mapping.long()
         slots = slots[slots >= 0]
         if not slots.numel():
             return
         chunk_ids, counts = written_chunks(slots, self.chunk)
+        codes = self.codes[layer] if self.key_bits else None
+        if native and summary_scores.refresh(
+            layout.keys_by_head(key_cache), chunk_ids, counts, self.chunk, stats, codes
+        ):
+            return
         keys, valid = chunk_keys(layout, key_cache, chunk_ids, counts, self.chunk)
         summary = summarize(keys, valid, counts)
         stats.index_copy_(1, chunk_ids, summary)

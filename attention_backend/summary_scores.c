@@ -252,3 +252,62 @@ int qada_page_logits(const float *q, const float *stats, const int64_t *chunk_id
         }
     return 0;
 }
+
+/* The page summaries' refresh (`page_summaries.PageSummaries.refresh`): for each chunk the step
+wrote (chunk_ids [N], valid tokens counts [N]), per KV head and dimension, the mean, population
+variance (two-pass), min and max of its valid keys into stats [4, num_chunks, Hkv, D], and with
+bits > 0 every key of the chunk re-coded on the new min / max into codes [num_chunks, Hkv,
+D * bits / 8, chunk] (as `key_codes.quantize`: round half to even, clamped; a constant channel
+codes as 0). keys: the fp32 key cache, element (block, head, offset, d) at the given strides. */
+int qada_refresh_summaries(const float *keys, int64_t block_stride, int64_t head_stride,
+                           int64_t offset_stride, int64_t dim_stride, const int64_t *chunk_ids,
+                           const int64_t *counts, int64_t n, int64_t num_kv_heads, int64_t dim,
+                           int64_t block_size, int64_t chunk, int64_t num_chunks, int64_t bits,
+                           float *stats, uint8_t *codes) {
+    if (chunk > 1024 || dim > MAX_DIM || block_size % chunk || (bits && (dim * bits) % 8))
+        return 1;
+    const int64_t plane = num_chunks * num_kv_heads * dim;
+    float x[1024];
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t id = chunk_ids[i], count = counts[i];
+        const int64_t block = id * chunk / block_size, first = id * chunk % block_size;
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const float *base = keys + block * block_stride + h * head_stride + first * offset_stride;
+            float *out = stats + (id * num_kv_heads + h) * dim;
+            uint8_t *packed = codes ? codes + (id * num_kv_heads + h) * (dim * bits / 8) * chunk : NULL;
+            if (packed)
+                memset(packed, 0, (size_t)(dim * bits / 8 * chunk));
+            for (int64_t d = 0; d < dim; d++) {
+                const int64_t tokens = packed ? chunk : count; /* codes: every key of the chunk */
+                for (int64_t t = 0; t < tokens; t++)
+                    x[t] = base[t * offset_stride + d * dim_stride];
+                float sum = 0.0f, low = x[0], high = x[0];
+                for (int64_t t = 0; t < count; t++) {
+                    sum += x[t];
+                    low = x[t] < low ? x[t] : low;
+                    high = x[t] > high ? x[t] : high;
+                }
+                const float mean = sum / (float)count;
+                float var = 0.0f;
+                for (int64_t t = 0; t < count; t++)
+                    var += (x[t] - mean) * (x[t] - mean);
+                out[d] = mean;
+                out[plane + d] = var / (float)count;
+                out[2 * plane + d] = low;
+                out[3 * plane + d] = high;
+                if (!packed)
+                    continue;
+                const int levels = (1 << bits) - 1, per = 8 / (int)bits;
+                const int64_t run = dim / per, byte = d % run, shift = (d / run) * bits;
+                const float step = (high - low) / (float)levels;
+                for (int64_t t = 0; t < chunk; t++) {
+                    float code = step > 0.0f ? (x[t] - low) / step : 0.0f;
+                    code = code != code ? 0.0f : nearbyintf(code); /* NaN: 0 */
+                    code = code < 0.0f ? 0.0f : (code > (float)levels ? (float)levels : code);
+                    packed[byte * chunk + t] |= (uint8_t)((int)code << shift);
+                }
+            }
+        }
+    }
+    return 0;
+}

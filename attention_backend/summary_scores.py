@@ -32,8 +32,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from .page_estimate import PagePlan
 
+from . import page_summaries  # a module (page_summaries calls refresh): names read at call time
 from .key_codes import KeyCopy
-from .page_summaries import MAX, MIN
 
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
@@ -93,6 +93,16 @@ def library() -> ctypes.CDLL | None:
     lib.qada_key_copy_block_lse.restype = lib.qada_page_logits.restype = ctypes.c_int
     lib.qada_key_copy_block_lse.argtypes = [*[pointer] * 7, *[size] * 8, pointer, pointer]
     lib.qada_page_logits.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, pointer]
+    lib.qada_refresh_summaries.restype = ctypes.c_int
+    lib.qada_refresh_summaries.argtypes = [
+        pointer,
+        *[size] * 4,
+        pointer,
+        pointer,
+        *[size] * 7,
+        pointer,
+        pointer,
+    ]
     return lib
 
 
@@ -143,10 +153,39 @@ def block_lse(q: Tensor, kv_heads: Tensor, copy: KeyCopy, table: Tensor, lengths
         return None
     q = q.float().contiguous()
     kv_heads, table, lengths = (t.long().contiguous() for t in (kv_heads, table, lengths))
-    low, high = stats[MIN].contiguous(), stats[MAX].contiguous()  # views of the summaries: no copy
+    low, high = (
+        stats[page_summaries.MIN].contiguous(),
+        stats[page_summaries.MAX].contiguous(),
+    )  # views of the summaries: no copy
     out = torch.empty(pairs, group, table.shape[1])
     total = torch.empty(pairs, group)
     tensors = (q, kv_heads, codes.contiguous(), low, high, table, lengths)
     sizes = (pairs, group, head_dim, num_kv_heads, table.shape[1], block_size, chunk, bits)
     inputs = [t.data_ptr() for t in tensors]
     _check(lib.qada_key_copy_block_lse(*inputs, *sizes, out.data_ptr(), total.data_ptr()), head_dim, group)
+    return out, total
+
+
+def refresh(
+    keys: Tensor, chunk_ids: Tensor, counts: Tensor, chunk: int, stats: Tensor, codes: Tensor | None
+) -> bool:
+    """The summaries (and codes) of the written chunks recomputed in place from keys, the cache as
+    [num_blocks, Hkv, bs, D] (`KVLayout.keys_by_head`), as `page_summaries` computes them.
+    False (nothing done) where the kernel is unavailable, the cache is not fp32 on the CPU or the
+    shapes do not fit."""
+    _, num_kv_heads, block_size, head_dim = keys.shape
+    fits = head_dim <= 256 and chunk <= 1024 and keys.dtype == torch.float32 and stats.is_contiguous()
+    tensors = (keys, chunk_ids, stats) if codes is None else (keys, chunk_ids, stats, codes)
+    if not fits or not _on_cpu(*tensors) or (codes is not None and not codes.is_contiguous()):
+        return False
+    if (lib := library()) is None:
+        return False
+    ids, counts = chunk_ids.long().contiguous(), counts.long().contiguous()
+    bits = 0 if codes is None else codes.shape[2] * 8 // head_dim
+    sizes = (len(ids), num_kv_heads, head_dim, block_size, chunk, stats.shape[1], bits)
+    pointers = (stats.data_ptr(), 0 if codes is None else codes.data_ptr())
+    status = lib.qada_refresh_summaries(
+        keys.data_ptr(), *keys.stride(), ids.data_ptr(), counts.data_ptr(), *sizes, *pointers
+    )
+    _check(status, head_dim, 0)
+    return True

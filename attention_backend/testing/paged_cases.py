@@ -275,3 +275,17 @@ def page_summaries(case: PagedCase, chunk: int, key_bits: int = 0) -> PageSummar
     store = PageSummaries(chunk, key_bits)
     store.refresh(0, case.layout, case.key_cache, slot_mapping(case))
     return store
+
+
+def spy(monkeypatch, module, name: str) -> list[bool]:
+    """Wrap module.name (a native kernel's wrapper) so that each call appends whether it computed
+    a result (not None / False, i.e. did not decline to the PyTorch fallback)."""
+    real, ran = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        ran.append(result is not None and result is not False)
+        return result
+
+    monkeypatch.setattr(module, name, wrapped)
+    return ran

@@ -30,6 +30,7 @@ from attention_backend.testing.paged_cases import (
     policy_inputs,
     row_scores,
     sdpa_row,
+    spy,
     write_tokens,
 )
 
@@ -408,9 +409,10 @@ def test_a_rank_layer_chooses_each_rows_blocks_and_later_layers_read_only_them(s
 @pytest.mark.parametrize("native", [True, False], ids=["c-kernel", "torch-ops"])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("chunk", [8, 16, 32])  # 8: a page size the C kernel leaves to PyTorch
-def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits, native, chunk) -> None:
+def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits, native, chunk, monkeypatch) -> None:
     """Both ways of ranking by the copy: the C kernel reading the codes in place, and PyTorch ops."""
     assert summary_scores.library() is not None, "the C kernel did not build (see the warning)"
+    ran = spy(monkeypatch, summary_scores, "block_lse")
     case = sample_case(9)
     q = grouped_queries(case)
     copy = page_summaries(case, chunk, key_bits=bits).key_copy(0, case.layout, case.key_cache)
@@ -424,6 +426,7 @@ def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits, native, ch
         BS,
         native=native,
     )
+    assert ran == ([chunk != 8] if native else [])  # the C kernel computed it (8: PyTorch did)
     for i, (b, h) in enumerate(zip((pairs // 3).tolist(), (pairs % 3).tolist())):
         length = int(case.seq_lens[b])
         pos = torch.arange(length)

@@ -21,6 +21,7 @@ from attention_backend.testing.paged_cases import (
     page_summaries,
     policy_inputs,
     slot_mapping,
+    spy,
     write_tokens,
 )
 
@@ -57,6 +58,31 @@ def assert_summaries(store: PageSummaries, case) -> None:
 def test_refresh_of_a_whole_prefill(layout, chunk):
     case = make_case(SEQ_LENS, num_kv_heads=3, group=3, block_size=BLOCK, dtype=torch.float32, layout=layout)
     assert_summaries(page_summaries(case, chunk), case)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+@pytest.mark.parametrize("bits", [0, 2, 4, 8])
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_the_c_refresh_leaves_what_pytorch_ops_leave(layout, bits, chunk, monkeypatch):
+    """summary_scores' refresh against PageSummaries' PyTorch ops, over a prefill then decode
+    steps: the same statistics and, bit for bit, the same codes (stale slots included)."""
+    assert summary_scores.library() is not None, "the C kernels did not build (see the warning)"
+    case = make_case(SEQ_LENS, num_kv_heads=3, group=2, block_size=BLOCK, dtype=torch.float32, layout=layout)
+    stores = PageSummaries(chunk, key_bits=bits), PageSummaries(chunk, key_bits=bits)
+    ran = spy(monkeypatch, summary_scores, "refresh")
+    done = [0] * len(SEQ_LENS)
+    for back in (5, 1, 0):  # a prefill, then steps of four tokens and of one (padding: -1)
+        lengths = [n - back for n in SEQ_LENS]
+        step = case.__class__(**{**case.__dict__, "seq_lens": torch.tensor(lengths)})
+        slots = torch.cat([slot_mapping(step, done), torch.full((2,), -1)])
+        for store, native in zip(stores, (True, False)):
+            store.refresh(0, layout, case.key_cache, slots, native=native)
+        done = lengths
+    assert ran == [True] * 3  # the native store's three refreshes, in C
+    native, torch_ops = (s.layer(0, layout, case.key_cache) for s in stores)
+    torch.testing.assert_close(native, torch_ops, atol=1e-5, rtol=1e-5)
+    if bits:
+        assert torch.equal(stores[0].codes[0], stores[1].codes[0])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
@@ -169,14 +195,16 @@ def estimate(case, settings: QadaSettings, store_chunk: int, native: bool = True
 @pytest.mark.parametrize("stats", ["pages", "pages_bound"])
 @pytest.mark.parametrize("native", [True, False], ids=["c-kernel", "torch-ops"])
 def test_pages_estimate_matches_a_row_by_row_computation(
-    layout, t_sink, t_local, page_chunk, store_chunk, stats, native
+    layout, t_sink, t_local, page_chunk, store_chunk, stats, native, monkeypatch
 ):
     assert summary_scores.library() is not None, "the C kernels did not build (see the warning)"
+    ran = spy(monkeypatch, summary_scores, "page_logits")
     case = make_case(
         [300, 37, 129, 21, 1], num_kv_heads=3, group=2, block_size=BLOCK, dtype=torch.float32, layout=layout
     )
     settings = QadaSettings(stats=stats, t_sink=t_sink, t_local=t_local, page_chunk=page_chunk)
     got = estimate(case, settings, store_chunk, native)
+    assert ran == ([True] if native else [])  # the C kernel computed it
     for b in range(len(case.keys)):
         want = naive_pages_lse(case, b, settings, bound=stats == "pages_bound")
         torch.testing.assert_close(got[b], want, atol=1e-4, rtol=1e-5)
