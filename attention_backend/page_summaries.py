@@ -12,7 +12,8 @@ Memory: 4 * (block_size / chunk) * Hkv * D * 4 bytes per block and layer: 4 / ch
 fp32 key cache, 2 / chunk of the K+V cache (chunk 16: 12.5%; chunk 32: 6.25%).
 Launched with `key_bits` (`page_rank_bits`), the refresh also re-codes the chunk's keys on its new
 min / max (`key_codes`): bits / 64 of the fp32 K+V cache more (4 bits: 6.25%).
-The refresh here is PyTorch (the CPU path); `page_summary_kernel` does it on GPU (no key copy).
+The refresh here is a C loop on CPU (`summary_scores`, PyTorch ops where it declines);
+`page_summary_kernel` does it on GPU (no key copy).
 """
 
 from __future__ import annotations

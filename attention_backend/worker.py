@@ -18,7 +18,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from . import metrics
+from . import metrics, summary_scores
 from .context import StepContext, reset_step_context, set_step_context
 from .counters import DecisionCounters
 from .moments import MomentStore
@@ -56,6 +56,8 @@ class QadaWorkerMixin:
         )
         self._qada_share = RankShare.current(self._qada_shape)
         self._qada_pages = PageSummaries(settings.page_chunk, settings.page_rank_bits)
+        if self.device.type == "cpu":  # built (or found) now: a missing compiler warns at launch
+            summary_scores.library()
         files_dir = files_dir_from_vllm_config(self.vllm_config.additional_config)
         self._apply(settings, read_policy_files(settings, files_dir))
 
