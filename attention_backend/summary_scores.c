@@ -222,30 +222,39 @@ int qada_page_logits(const float *q, const float *stats, const int64_t *chunk_id
                         o[g * pages + j] = -INFINITY;
                     continue;
                 }
-                /* a, b: the page's (mean, var), or (min, max) with `bound` */
+                /* a, b: the page's (min, max) with `bound`, else its (mean, var): a single
+                   chunk's own, or pooled over the m (mean of the means, E[k^2] - mean^2 >= 0) */
                 const int64_t *ids = chunk_ids + (r * pages + j) * m;
                 const int64_t first = (ids[0] * num_kv_heads + h) * dim;
+                const float *a0 = bound ? mins : means, *b0 = bound ? maxs : vars;
                 for (int64_t d = 0; d < dim; d++) {
-                    a[d] = bound ? mins[first + d] : means[first + d];
-                    b[d] = bound ? maxs[first + d] : vars[first + d] + means[first + d] * means[first + d];
+                    a[d] = a0[first + d];
+                    b[d] = b0[first + d];
                 }
-                for (int64_t i = 1; i < m; i++) {
-                    const int64_t at = (ids[i] * num_kv_heads + h) * dim;
-                    for (int64_t d = 0; d < dim; d++)
-                        if (bound) {
+                if (bound)
+                    for (int64_t i = 1; i < m; i++) {
+                        const int64_t at = (ids[i] * num_kv_heads + h) * dim;
+                        for (int64_t d = 0; d < dim; d++) {
                             a[d] = mins[at + d] < a[d] ? mins[at + d] : a[d];
                             b[d] = maxs[at + d] > b[d] ? maxs[at + d] : b[d];
-                        } else {
+                        }
+                    }
+                else if (m > 1) {
+                    for (int64_t d = 0; d < dim; d++)
+                        b[d] += a[d] * a[d];
+                    for (int64_t i = 1; i < m; i++) {
+                        const int64_t at = (ids[i] * num_kv_heads + h) * dim;
+                        for (int64_t d = 0; d < dim; d++) {
                             a[d] += means[at + d];
                             b[d] += vars[at + d] + means[at + d] * means[at + d];
                         }
-                }
-                if (!bound) /* pooled: mean of the means, E[k^2] - mean^2 (clamped at 0) */
+                    }
                     for (int64_t d = 0; d < dim; d++) {
                         a[d] /= (float)m;
                         const float var = b[d] / (float)m - a[d] * a[d];
-                        b[d] = m == 1 ? vars[first + d] : (var > 0.0f ? var : 0.0f);
+                        b[d] = var > 0.0f ? var : 0.0f;
                     }
+                }
                 for (int64_t g = 0; g < group; g++)
                     o[g * pages + j] = log_n + dot(qlow[g], a, dim) + dot(qq[g], b, dim);
             }

@@ -110,10 +110,12 @@ def _on_cpu(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
 
 
-def supports(head_dim: int, group: int, chunk: int = 16) -> bool:
-    """Whether the kernels take these shapes (their fixed buffers; the key copy's chunks of whole
-    16-float vectors)."""
-    return head_dim <= 256 and group <= 32 and chunk in (16, 32, 64, 128)
+def supports(head_dim: int, group: int) -> bool:
+    """Whether the kernels' fixed buffers take these shapes."""
+    return head_dim <= 256 and group <= 32
+
+
+KEY_COPY_CHUNKS = (16, 32, 64, 128)  # the ranking's chunks: whole 16-float vectors, unrolled
 
 
 def page_logits(q: Tensor, stats: Tensor, plan: PagePlan) -> Tensor | None:
@@ -130,26 +132,29 @@ def page_logits(q: Tensor, stats: Tensor, plan: PagePlan) -> Tensor | None:
     inputs = [t.data_ptr() for t in (q, stats, ids, valid)]
     sizes = (rows, num_kv_heads, group, head_dim, pages, m, stats.shape[1])
     log_n = math.log(plan.page_chunk)
-    _check(lib.qada_page_logits(*inputs, *sizes, log_n, int(plan.bound), out.data_ptr()), head_dim, group)
+    status = lib.qada_page_logits(*inputs, *sizes, log_n, int(plan.bound), out.data_ptr())
+    _check(status, f"q {tuple(q.shape)}")
     return out
 
 
-def _check(status: int, head_dim: int, group: int) -> None:
+def _check(status: int, shapes: str) -> None:
     if status == 2:
         raise MemoryError("summary_scores: out of memory")
     if status:
-        raise ValueError(f"summary_scores refused the shapes: head dim {head_dim}, {group} heads per KV head")
+        raise ValueError(f"summary_scores refused the shapes: {shapes}")
 
 
 def block_lse(q: Tensor, kv_heads: Tensor, copy: KeyCopy, table: Tensor, lengths: Tensor, block_size: int):
     """Per-block log-mass [N, G, nb] (-inf past a row's last block) and each head's log-mass over
     its row [N, G] of the scores from the copy: q [N, G, D] scaled fp32 queries, kv_heads [N],
     table [N, nb] the pairs' physical blocks in logical order, lengths [N]. None where the kernel
-    is unavailable, the tensors are not on the CPU or it does not take the shapes (`supports`)."""
+    is unavailable, the tensors are not on the CPU or it does not take the shapes."""
     codes, stats, bits = copy
     pairs, group, head_dim = q.shape
     _, num_kv_heads, _, chunk = codes.shape
-    if not supports(head_dim, group, chunk) or not _on_cpu(q, codes) or (lib := library()) is None:
+    if chunk not in KEY_COPY_CHUNKS or not supports(head_dim, group) or not _on_cpu(q, codes):
+        return None
+    if (lib := library()) is None:
         return None
     q = q.float().contiguous()
     kv_heads, table, lengths = (t.long().contiguous() for t in (kv_heads, table, lengths))
@@ -162,7 +167,8 @@ def block_lse(q: Tensor, kv_heads: Tensor, copy: KeyCopy, table: Tensor, lengths
     tensors = (q, kv_heads, codes.contiguous(), low, high, table, lengths)
     sizes = (pairs, group, head_dim, num_kv_heads, table.shape[1], block_size, chunk, bits)
     inputs = [t.data_ptr() for t in tensors]
-    _check(lib.qada_key_copy_block_lse(*inputs, *sizes, out.data_ptr(), total.data_ptr()), head_dim, group)
+    status = lib.qada_key_copy_block_lse(*inputs, *sizes, out.data_ptr(), total.data_ptr())
+    _check(status, f"q {tuple(q.shape)}, chunk {chunk}")
     return out, total
 
 
@@ -174,7 +180,7 @@ def refresh(
     False (nothing done) where the kernel is unavailable, the cache is not fp32 on the CPU or the
     shapes do not fit."""
     _, num_kv_heads, block_size, head_dim = keys.shape
-    fits = head_dim <= 256 and chunk <= 1024 and keys.dtype == torch.float32 and stats.is_contiguous()
+    fits = supports(head_dim, 1) and chunk <= 1024 and keys.dtype == torch.float32 and stats.is_contiguous()
     tensors = (keys, chunk_ids, stats) if codes is None else (keys, chunk_ids, stats, codes)
     if not fits or not _on_cpu(*tensors) or (codes is not None and not codes.is_contiguous()):
         return False
@@ -187,5 +193,5 @@ def refresh(
     status = lib.qada_refresh_summaries(
         keys.data_ptr(), *keys.stride(), ids.data_ptr(), counts.data_ptr(), *sizes, *pointers
     )
-    _check(status, head_dim, 0)
+    _check(status, f"keys {tuple(keys.shape)}, chunk {chunk}")
     return True
