@@ -126,6 +126,110 @@ static inline __attribute__((always_inline)) void score_chunk(
     }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define INT8_WEIGHTS 1
+
+/* The byte permutes of score_chunk_int8: byte 4t + r of the result is token t's byte of row r,
+   rows 16 bytes apart (one vector, or 4 loads side by side), or 32 (two vectors: tokens 0 .. 15,
+   then 16 .. 31). */
+static void int8_permutes(__m512i permutes[3]) {
+    uint8_t order[3][64];
+    for (int t = 0; t < 16; t++)
+        for (int r = 0; r < 4; r++) {
+            order[0][4 * t + r] = (uint8_t)(16 * r + t);
+            order[1][4 * t + r] = (uint8_t)(32 * r + t);
+            order[2][4 * t + r] = (uint8_t)(32 * r + 16 + t);
+        }
+    for (int i = 0; i < 3; i++)
+        permutes[i] = _mm512_loadu_si512(order[i]);
+}
+
+/* score_chunk for a 2- or 4-bit copy of whole 4-byte groups (D * bits / 8 a multiple of 4), with each
+   head's weights q * step rounded to int8 on its own scale, max |weight| / 127: the codes' dot
+   with them is then integer, 64 products per instruction (AVX-512 VNNI), a score being
+   q . low + scale * sum_d w8_d code_d (its added error at most scale / 2 * sum_d code_d, well
+   under the copy's own). A byte permute (VBMI) brings 4 bytes of a token into its 32-bit lane. */
+static void score_chunk_int8(const float *restrict qn, const uint8_t *restrict bytes,
+                             const float *restrict lo, const float *restrict hi, int64_t group,
+                             int64_t dim, int64_t bits, int64_t chunk, int64_t stride,
+                             const __m512i *permutes, float *restrict scores) {
+    const int64_t nbytes = dim * bits / 8, per = 8 / bits, quads = dim / 4;
+    const float levels = (float)((1 << bits) - 1);
+    int32_t weights[MAX_GROUP][MAX_DIM / 4]; /* the int8 weights of dimensions 4k .. 4k + 3 */
+    float scale[MAX_GROUP], base[MAX_GROUP];
+    __m512 step[MAX_DIM / 16], w[MAX_DIM / 16];
+    const int64_t vectors = dim / 16;
+    for (int64_t k = 0; k < vectors; k++)
+        step[k] = _mm512_div_ps(_mm512_sub_ps(_mm512_loadu_ps(hi + 16 * k), _mm512_loadu_ps(lo + 16 * k)),
+                                _mm512_set1_ps(levels));
+    for (int64_t g = 0; g < group; g++) {
+        const float *qg = qn + g * dim;
+        __m512 top = _mm512_setzero_ps(), low_dot = _mm512_setzero_ps();
+        for (int64_t k = 0; k < vectors; k++) {
+            const __m512 qk = _mm512_loadu_ps(qg + 16 * k);
+            w[k] = _mm512_mul_ps(qk, step[k]);
+            top = _mm512_max_ps(top, _mm512_abs_ps(w[k]));
+            low_dot = _mm512_fmadd_ps(qk, _mm512_loadu_ps(lo + 16 * k), low_dot);
+        }
+        const float largest = _mm512_reduce_max_ps(top);
+        const __m512 inverse = _mm512_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
+        for (int64_t k = 0; k < vectors; k++) /* round half to even, |w8| <= 127 */
+            _mm_storeu_si128((__m128i *)weights[g] + k,
+                             _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(w[k], inverse))));
+        scale[g] = largest / 127.0f;
+        base[g] = _mm512_reduce_add_ps(low_dot);
+    }
+    const __m512i by16 = permutes[0], by32[2] = {permutes[1], permutes[2]};
+    const __m512i mask = _mm512_set1_epi8((char)((1 << bits) - 1));
+    __m512i code[MAX_DIM / 4]; /* 16 tokens' codes of dimensions 4k .. 4k + 3, a byte each */
+    for (int64_t t0 = 0; t0 < chunk; t0 += 16) {
+        for (int64_t b = 0; b < nbytes; b += 4) { /* bytes b .. b + 3 of the 16 tokens */
+            const uint8_t *row = bytes + b * chunk + t0;
+            __m512i x;
+            if (chunk == 16) /* the 4 rows are one vector */
+                x = _mm512_permutexvar_epi8(by16, _mm512_loadu_si512(row));
+            else if (chunk == 32) /* two vectors, whatever half t0 reads */
+                x = _mm512_permutex2var_epi8(_mm512_loadu_si512(row - t0), by32[t0 / 16],
+                                             _mm512_loadu_si512(row - t0 + 64));
+            else {
+                x = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)row));
+                x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(row + chunk)), 1);
+                x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(row + 2 * chunk)), 2);
+                x = _mm512_inserti32x4(x, _mm_loadu_si128((const __m128i *)(row + 3 * chunk)), 3);
+                x = _mm512_permutexvar_epi8(by16, x);
+            }
+            for (int64_t i = 0; i < per; i++) /* run i: dimensions i * nbytes + b .. + 3 */
+                code[(i * nbytes + b) / 4] =
+                    _mm512_and_si512(_mm512_srl_epi16(x, _mm_cvtsi32_si128((int)(i * bits))), mask);
+        }
+        for (int64_t g = 0; g < group; g++) {
+            __m512i sum[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(),
+                              _mm512_setzero_si512(), _mm512_setzero_si512()};
+            int64_t k = 0;
+            for (; k + 4 <= quads; k += 4) /* 4 chains: the dot's latency, not its throughput */
+                for (int s = 0; s < 4; s++)
+                    sum[s] = _mm512_dpbusd_epi32(sum[s], code[k + s], _mm512_set1_epi32(weights[g][k + s]));
+            for (; k < quads; k++)
+                sum[0] = _mm512_dpbusd_epi32(sum[0], code[k], _mm512_set1_epi32(weights[g][k]));
+            const __m512i total = _mm512_add_epi32(_mm512_add_epi32(sum[0], sum[1]), _mm512_add_epi32(sum[2], sum[3]));
+            const __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(scale[g]), _mm512_set1_ps(base[g]));
+            _mm512_storeu_ps(scores + g * stride + t0, value);
+        }
+    }
+}
+#endif
+
+/* Whether the ranking of a 2- or 4-bit copy rounds its weights to int8 (score_chunk_int8): only
+   where the compiler targets AVX-512 VNNI and VBMI. */
+int qada_int8_weights(void) {
+#ifdef INT8_WEIGHTS
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Block log-masses from the low-bit key copy. For N (row, KV head) pairs with G query heads each:
 the score of every key of the pair's row, q . (low + code * step) on the grid of the key's chunk,
 is q . low + (q * step) . code, and each KV block's log-sum-exp of them is written out, with each
@@ -158,6 +262,11 @@ int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled querie
         return 2;
     }
     memset(code, 0, code_size);
+#ifdef INT8_WEIGHTS
+    const int int8 = bits <= 4 && dim % 16 == 0;
+    __m512i permutes[3];
+    int8_permutes(permutes);
+#endif
     for (int64_t n = 0; n < n_pairs; n++) {
         const int64_t head = kv_heads[n], length = lengths[n];
         const int64_t owned = (length - 1) / block_size + 1;
@@ -169,11 +278,27 @@ int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled querie
         for (int64_t j = 0; j < owned; j++) {
             const int64_t left = length - j * block_size;
             const int64_t in_block = left < block_size ? left : block_size;
+            if (j + 1 < owned) /* the next block's codes and grid, while this one is scored */
+                for (int64_t c = 0; c < per_block; c++) {
+                    const int64_t next = (table[n * nb + j + 1] * per_block + c) * num_kv_heads + head;
+                    for (int64_t at = 0; at < nbytes * chunk; at += 64)
+                        __builtin_prefetch(codes + next * nbytes * chunk + at);
+                    for (int64_t at = 0; at < dim; at += 16) {
+                        __builtin_prefetch(low + next * dim + at);
+                        __builtin_prefetch(high + next * dim + at);
+                    }
+                }
             for (int64_t c = 0; c * chunk < in_block; c++) {  /* tokens past the row: ignored */
                 const int64_t cell = (table[n * nb + j] * per_block + c) * num_kv_heads + head;
                 const float *lo = low + cell * dim, *hi = high + cell * dim;
                 const uint8_t *bytes = codes + cell * nbytes * chunk;
                 float *at = scores + c * chunk;
+#ifdef INT8_WEIGHTS
+                if (int8) {
+                    score_chunk_int8(qn, bytes, lo, hi, group, dim, bits, chunk, block_size, permutes, at);
+                    continue;
+                }
+#endif
                 switch (chunk / 16) {  /* unrolled per chunk size */
                 case 1: score_chunk(qn, bytes, lo, hi, group, dim, bits, 1, block_size, at, code); break;
                 case 2: score_chunk(qn, bytes, lo, hi, group, dim, bits, 2, block_size, at, code); break;

@@ -93,7 +93,7 @@ def library() -> ctypes.CDLL | None:
     lib.qada_key_copy_block_lse.restype = lib.qada_page_logits.restype = ctypes.c_int
     lib.qada_key_copy_block_lse.argtypes = [*[pointer] * 7, *[size] * 8, pointer, pointer]
     lib.qada_page_logits.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, pointer]
-    lib.qada_refresh_summaries.restype = ctypes.c_int
+    lib.qada_refresh_summaries.restype = lib.qada_int8_weights.restype = ctypes.c_int
     lib.qada_refresh_summaries.argtypes = [
         pointer,
         *[size] * 4,
@@ -104,6 +104,14 @@ def library() -> ctypes.CDLL | None:
         pointer,
     ]
     return lib
+
+
+def int8_weights(head_dim: int, bits: int) -> bool:
+    """Whether the C ranking of a `bits`-bit copy rounds each head's weights q * step to int8 on
+    the scale max |weight| / 127 per chunk (its integer dot products need AVX-512 VNNI / VBMI):
+    for bits <= 4 and head_dim a multiple of 16, where this CPU has them."""
+    lib = library()
+    return lib is not None and bits <= 4 and head_dim % 16 == 0 and bool(lib.qada_int8_weights())
 
 
 def _on_cpu(*tensors: Tensor) -> bool:

@@ -8,12 +8,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import Tensor
 
 from attention_backend import summary_scores
 from attention_backend.context import StepDecisions
 from attention_backend.counters import DecisionCounters
 from attention_backend.cpu_kernel import paged_decode
-from attention_backend.key_codes import dequantize
+from attention_backend.key_codes import dequantize, unpack
 from attention_backend.page_estimate import PageMasses
 from attention_backend.page_select import key_copy_masses, key_dim_masses, rank_layer_blocks, select_blocks
 from attention_backend.page_summaries import MAX, MIN
@@ -433,18 +434,35 @@ def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits, native, ch
         chunk_ids = (case.block_table[b, pos // BS].long() * BS + pos % BS) // chunk
         slots = case.block_table[b, pos // BS].long() * BS + pos % BS
         codes = copy.codes.permute(0, 3, 1, 2).flatten(0, 1)[slots, h]  # [L, D * bits / 8]
-        keys = dequantize(codes, copy.stats[MIN, chunk_ids, h], copy.stats[MAX, chunk_ids, h], bits)
-        scores = q[b, h] @ keys.T  # [G, L]
+        low, high = copy.stats[MIN, chunk_ids, h], copy.stats[MAX, chunk_ids, h]
+        scores = q[b, h] @ dequantize(codes, low, high, bits).T  # [G, L]
+        if ran == [True] and summary_scores.int8_weights(q.shape[-1], bits):  # the C ranking ran
+            scores = int8_weight_scores(q[b, h], unpack(codes, bits), low, high, bits, scores)
         torch.testing.assert_close(total[i], scores.logsumexp(-1))
         for k in range(-(-length // BS)):
             torch.testing.assert_close(
                 masses.logits[i, 0, :, k], scores[:, k * BS : (k + 1) * BS].logsumexp(-1)
             )
         assert (masses.logits[i, 0, :, -(-length // BS) :] == -math.inf).all()  # past the row
-        # within sum_d |q_d| step_d / 2 of the exact scores
-        step = (copy.stats[MAX, chunk_ids, h] - copy.stats[MIN, chunk_ids, h]) / (2**bits - 1)
+        # the copy's scores within sum_d |q_d| step_d / 2 of the exact scores
+        step = (high - low) / (2**bits - 1)
         exact = q[b, h] @ case.keys[b][:, h].float().T
-        assert ((scores - exact).abs() <= q[b, h].abs() @ step.T / 2 + 1e-4).all()
+        dequantized = q[b, h] @ dequantize(codes, low, high, bits).T
+        assert ((dequantized - exact).abs() <= q[b, h].abs() @ step.T / 2 + 1e-4).all()
+
+
+def int8_weight_scores(q: Tensor, codes: Tensor, low: Tensor, high: Tensor, bits: int, scores: Tensor) -> Tensor:
+    """The C ranking's scores where it rounds the weights to int8 (`summary_scores.int8_weights`):
+    q [G, D], each key's codes [L, D] and its chunk's grid low / high [L, D]; q . low plus
+    scale * sum_d round(w_d / scale) code_d, w = q * step, scale = max_d |w_d| / 127 per head and
+    chunk. Asserted within scale / 2 * sum_d code_d of the fp32 `scores` [G, L]."""
+    w = q.unsqueeze(1) * ((high - low) / (2**bits - 1))  # [G, L, D]
+    top = w.abs().amax(-1, keepdim=True)
+    rounded = torch.where(top > 0, w * (127 / top), 0.0).round()
+    scale = (top / 127).squeeze(-1)
+    int8 = q @ low.T + scale * (rounded * codes.float()).sum(-1)
+    assert ((int8 - scores).abs() <= scale / 2 * codes.float().sum(-1) + 1e-4).all()
+    return int8
 
 
 @pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
