@@ -30,7 +30,7 @@ from vllm import envs
 
 from .kv_layout import CPU_VEC
 from .page_estimate import PageMasses
-from .page_select import key_copy_masses, key_dim_masses, select_blocks, selected_tables
+from .page_select import key_copy_masses, key_dim_masses, select_tables, selected_tables
 from .policy import (
     NO_INPUTS,
     DecodeBatch,
@@ -186,9 +186,9 @@ def paged_decode(
         tables = plan.head_tables.index_select(0, pairs)
         lengths = plan.head_seq_lens.index_select(0, pairs)
         if settings.selects_pages:  # only the selected blocks (page_select)
-            keep = _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs)  # [pairs, nb]
-            kept_blocks.view(-1)[pairs] = keep.sum(-1)
-            tables, lengths = selected_tables(keep, tables, lengths, block_size)
+            selection = (settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs, tables)
+            tables, lengths, kept = _select(*selection)
+            kept_blocks.view(-1)[pairs] = kept
         per_head = DecodeBatch(
             query.reshape(rows * num_kv_heads, group, head_dim).index_select(0, pairs),
             heads_view.key_cache,
@@ -202,25 +202,29 @@ def paged_decode(
     return DecodeResult(out.view(rows, num_heads, head_dim), long_heads, long_groups, kept_blocks)
 
 
-def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs) -> Tensor:
-    """Bool [pairs, nb]: the KV blocks each long (row, KV head) pair reads (`page_select`),
-    ranked for those pairs only, each as a row with one KV head."""
+def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs, tables):
+    """The virtual block tables of the KV blocks each long (row, KV head) pair reads
+    (`page_select`), their lengths and kept block counts: ranked for those pairs only, each as a
+    row with one KV head; `tables` [pairs, >= nb] are the pairs' whole virtual tables."""
     _, num_kv_heads, group, head_dim = q.shape
     row = pairs // num_kv_heads
     seq_lens = plan.seq_lens.index_select(0, row)
     if settings.page_rank_layers:  # a rank layer's choice per row; before the first, every block
         if inputs.blocks is not None:
-            return inputs.blocks.index_select(0, row)
-        last = (seq_lens - 1) // plan.block_size
-        return torch.arange(int(last.max()) + 1) <= last.unsqueeze(1)
-    if settings.ranks_by_key_copy or settings.page_rank_dims:  # scores of each pair's own keys
+            keep = inputs.blocks.index_select(0, row)
+        else:
+            last = (seq_lens - 1) // plan.block_size
+            keep = torch.arange(int(last.max()) + 1) <= last.unsqueeze(1)
+        return (*selected_tables(keep, tables, seq_lens, plan.block_size), keep.sum(-1))
+    per_block = settings.ranks_by_key_copy or bool(settings.page_rank_dims)  # masses per owned block
+    if per_block:  # scores of each pair's own keys
         pair_q, heads = q.reshape(-1, group, head_dim).index_select(0, pairs), pairs % num_kv_heads
-        tables = batch.block_table.index_select(0, row)
+        physical, bs = batch.block_table.index_select(0, row), plan.block_size
         if settings.ranks_by_key_copy:  # every key, from the low-bit copy
-            masses, total = key_copy_masses(pair_q, heads, inputs.key_copy, tables, seq_lens, plan.block_size)
+            masses, total = key_copy_masses(pair_q, heads, inputs.key_copy, physical, seq_lens, bs)
         else:  # partial key scores, from the cache
             key_cache, dims = batch.key_cache, settings.page_rank_dims
-            masses, total = key_dim_masses(pair_q, heads, key_cache, tables, seq_lens, dims)
+            masses, total = key_dim_masses(pair_q, heads, key_cache, physical, seq_lens, dims)
     else:  # the page estimates, or the oracle's exact block masses
         bulk = inputs.bulk_lse if bulk_lse is None else bulk_lse
         total = torch.logaddexp(local_lse.flatten(1), bulk).view(-1, group).index_select(0, pairs)
@@ -228,7 +232,7 @@ def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs) -> Ten
         masses = PageMasses(
             logits.flatten(0, 1).index_select(0, pairs).unsqueeze(1), blocks.index_select(0, row)
         )
-    return select_blocks(masses, total, seq_lens, settings, plan.block_size)[:, 0]
+    return select_tables(masses, total, seq_lens, settings, plan.block_size, tables, native=per_block)
 
 
 class _HeadViews:

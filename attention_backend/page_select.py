@@ -189,6 +189,38 @@ def _block_masses(scores: Tensor, lengths: Tensor) -> tuple[PageMasses, Tensor]:
     return PageMasses(block_lse.unsqueeze(1), k.expand(pairs, -1)), block_lse.logsumexp(-1)
 
 
+def select_tables(
+    masses: PageMasses,
+    total_lse: Tensor,
+    seq_lens: Tensor,
+    settings: QadaSettings,
+    block_size: int,
+    tables: Tensor,
+    *,
+    native: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`select_blocks` for N pairs of one KV head each, then their `selected_tables` of `tables`
+    [N, >= nb] int32: (virtual tables [N, nb], lengths [N] int32, kept block counts [N]). With
+    `native` (masses per KV block, as every ranking but the page estimates gives them), one C
+    loop (`summary_scores.select_tables`) where it builds, else PyTorch ops: the same choice."""
+    if native:
+        total = total_lse.view(masses.logits.shape[0], -1)
+        chosen = summary_scores.select_tables(
+            masses.logits[:, 0],
+            total,
+            seq_lens,
+            tables,
+            settings.window,
+            settings.page_budget,
+            settings.page_top_k,
+            block_size,
+        )
+        if chosen is not None:
+            return chosen
+    keep = select_blocks(masses, total_lse, seq_lens, settings, block_size)[:, 0]
+    return (*selected_tables(keep, tables, seq_lens, block_size), keep.sum(-1))
+
+
 def selected_tables(keep: Tensor, tables: Tensor, seq_lens: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     """Virtual sequences of the kept blocks: keep [N, nb] bool and tables [N, >= nb] (physical
     blocks in logical order) -> block tables [N, nb] listing the kept blocks first, the one holding

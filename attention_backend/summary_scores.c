@@ -445,3 +445,87 @@ int qada_refresh_summaries(const float *keys, int64_t block_stride, int64_t head
     }
     return 0;
 }
+
+/* Page selection (`page_select.select_blocks`, then `selected_tables`) for N (row, KV head)
+pairs from per-block log-masses block_lse [N, G, nb] and each head's total total_lse [N, G]: a
+candidate block (wholly inside the bulk [t_sink, L - t_local)) has share exp(lse - total) per
+head and ranks by its largest; with top_k > 0 the k best are read, else the fewest best that
+leave at most `budget` of every head's share unread; the pair's other blocks up to its last are
+always read. Writes the virtual block table [N, nb] (tables' kept blocks in logical order, the
+one holding the current token last, then the rest), its length [N] and the kept count [N]. */
+int qada_select_blocks(const float *block_lse, const float *total_lse, const int64_t *lengths,
+                       const int32_t *tables, int64_t table_stride, int64_t n_pairs, int64_t group,
+                       int64_t nb, int64_t block_size, int64_t t_sink, int64_t t_local, float budget,
+                       int64_t top_k, int32_t *out_tables, int32_t *out_lengths, int64_t *kept) {
+    if (group > MAX_GROUP || nb > 1 << 20)
+        return 1;
+    float *share = malloc(sizeof(float) * (size_t)(group * nb)), *rank = malloc(sizeof(float) * (size_t)nb);
+    int64_t *order = malloc(sizeof(int64_t) * (size_t)nb);
+    uint8_t *keep = malloc((size_t)nb);
+    if (!share || !rank || !order || !keep) {
+        free(share), free(rank), free(order), free(keep);
+        return 2;
+    }
+    const int64_t first = (t_sink + block_size - 1) / block_size;
+    for (int64_t n = 0; n < n_pairs; n++) {
+        const int64_t length = lengths[n], last = (length - 1) / block_size;
+        const int64_t window = (length - t_local > 0 ? length - t_local : 0) / block_size;
+        float unread[MAX_GROUP] = {0};
+        int64_t candidates = 0;
+        for (int64_t k = 0; k < nb; k++) {
+            const int candidate = k >= first && k < window;
+            rank[k] = candidate ? 0.0f : -1.0f;
+            candidates += candidate;
+            for (int64_t g = 0; g < group; g++) {
+                const float s = candidate ? expf(block_lse[(n * group + g) * nb + k] - total_lse[n * group + g]) : 0.0f;
+                share[g * nb + k] = s;
+                unread[g] += s;
+                rank[k] = candidate && s > rank[k] ? s : rank[k];
+            }
+        }
+        /* candidates by rank, largest first, ties in logical order (a stable sort) */
+        int64_t count = 0;
+        for (int64_t k = 0; k < nb; k++) {
+            if (rank[k] < 0.0f)
+                continue;
+            int64_t at = count++;
+            while (at > 0 && rank[order[at - 1]] < rank[k]) {
+                order[at] = order[at - 1];
+                at--;
+            }
+            order[at] = k;
+        }
+        int64_t take = 0;
+        if (top_k > 0)
+            take = candidates < top_k ? candidates : top_k;
+        else
+            for (int64_t i = 0; i < candidates; i++) { /* unread before taking the i-th ranked */
+                int over = 0;
+                for (int64_t g = 0; g < group; g++)
+                    over |= unread[g] > budget;
+                if (!over)
+                    break;
+                take++;
+                for (int64_t g = 0; g < group; g++)
+                    unread[g] -= share[g * nb + order[i]];
+            }
+        for (int64_t k = 0; k < nb; k++)
+            keep[k] = k <= last && (k < first || k >= window);
+        for (int64_t i = 0; i < take; i++)
+            keep[order[i]] = 1;
+        const int32_t *table = tables + n * table_stride;
+        int32_t *out = out_tables + n * nb;
+        int64_t at = 0;
+        for (int64_t k = 0; k < nb; k++)
+            if (keep[k] && k != last)
+                out[at++] = table[k];
+        out[at++] = table[last];
+        kept[n] = at;
+        out_lengths[n] = (int32_t)((at - 1) * block_size + (length - 1) % block_size + 1);
+        for (int64_t k = 0; k < nb; k++)
+            if (!keep[k])
+                out[at++] = table[k];
+    }
+    free(share), free(rank), free(order), free(keep);
+    return 0;
+}

@@ -94,6 +94,8 @@ def library() -> ctypes.CDLL | None:
     lib.qada_key_copy_block_lse.argtypes = [*[pointer] * 7, *[size] * 8, pointer, pointer]
     lib.qada_page_logits.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, pointer]
     lib.qada_refresh_summaries.restype = lib.qada_int8_weights.restype = ctypes.c_int
+    lib.qada_select_blocks.restype = ctypes.c_int
+    lib.qada_select_blocks.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, *[pointer] * 3]
     lib.qada_refresh_summaries.argtypes = [
         pointer,
         *[size] * 4,
@@ -178,6 +180,37 @@ def block_lse(q: Tensor, kv_heads: Tensor, copy: KeyCopy, table: Tensor, lengths
     status = lib.qada_key_copy_block_lse(*inputs, *sizes, out.data_ptr(), total.data_ptr())
     _check(status, f"q {tuple(q.shape)}, chunk {chunk}")
     return out, total
+
+
+def select_tables(
+    block_lse: Tensor,
+    total_lse: Tensor,
+    lengths: Tensor,
+    tables: Tensor,
+    window: tuple[int, int],
+    budget: float,
+    top_k: int,
+    block_size: int,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`page_select.select_blocks` then `selected_tables` in one loop, for N pairs of one KV head
+    each with per-block log-masses block_lse [N, G, nb] and totals total_lse [N, G]: the virtual
+    block tables [N, nb] int32 of `tables` [N, >= nb] int32, their lengths [N] int32 and the kept
+    block counts [N] int64. None where the kernel is unavailable or the tensors not on the CPU."""
+    pairs, group, num_blocks = block_lse.shape
+    if group > 32 or not _on_cpu(block_lse, tables) or tables.dtype != torch.int32:
+        return None
+    if (lib := library()) is None:
+        return None
+    block_lse, total_lse = block_lse.float().contiguous(), total_lse.float().contiguous()
+    lengths, tables = lengths.long().contiguous(), tables.contiguous()
+    out = torch.empty(pairs, num_blocks, dtype=torch.int32)
+    out_lengths, kept = torch.empty(pairs, dtype=torch.int32), torch.empty(pairs, dtype=torch.long)
+    inputs = [t.data_ptr() for t in (block_lse, total_lse, lengths, tables)]
+    sizes = (tables.shape[1], pairs, group, num_blocks, block_size, *window)
+    outputs = (out.data_ptr(), out_lengths.data_ptr(), kept.data_ptr())
+    status = lib.qada_select_blocks(*inputs, *sizes, budget, top_k, *outputs)
+    _check(status, f"block_lse {tuple(block_lse.shape)}")
+    return out, out_lengths, kept
 
 
 def refresh(

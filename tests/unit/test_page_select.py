@@ -16,7 +16,13 @@ from attention_backend.counters import DecisionCounters
 from attention_backend.cpu_kernel import paged_decode
 from attention_backend.key_codes import dequantize, unpack
 from attention_backend.page_estimate import PageMasses
-from attention_backend.page_select import key_copy_masses, key_dim_masses, rank_layer_blocks, select_blocks
+from attention_backend.page_select import (
+    key_copy_masses,
+    key_dim_masses,
+    rank_layer_blocks,
+    select_blocks,
+    select_tables,
+)
 from attention_backend.page_summaries import MAX, MIN
 from attention_backend.policy import PolicyInputs
 from attention_backend.policy_files import PolicyError
@@ -451,7 +457,9 @@ def test_key_copy_masses_are_the_scores_of_the_dequantized_keys(bits, native, ch
         assert ((dequantized - exact).abs() <= q[b, h].abs() @ step.T / 2 + 1e-4).all()
 
 
-def int8_weight_scores(q: Tensor, codes: Tensor, low: Tensor, high: Tensor, bits: int, scores: Tensor) -> Tensor:
+def int8_weight_scores(
+    q: Tensor, codes: Tensor, low: Tensor, high: Tensor, bits: int, scores: Tensor
+) -> Tensor:
     """The C ranking's scores where it rounds the weights to int8 (`summary_scores.int8_weights`):
     q [G, D], each key's codes [L, D] and its chunk's grid low / high [L, D]; q . low plus
     scale * sum_d round(w_d / scale) code_d, w = q * step, scale = max_d |w_d| / 127 per head and
@@ -490,3 +498,31 @@ def test_key_copy_ranking_never_reads_the_unselected_blocks_and_outputs_match(se
     result = paged_decode(case.batch(), cfg, inputs)
     assert result.long_groups.any() and (~result.long_groups).any()
     assert_read_only(case, result, chosen)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=SELECTION_IDS)
+def test_the_c_selection_is_select_blocks_then_selected_tables(selection, monkeypatch) -> None:
+    """The C loop that selects and builds the virtual tables in one pass (`native`) against
+    `select_blocks` and `selected_tables` (PyTorch), on random per-block masses of pairs of
+    different lengths, ties included."""
+    assert summary_scores.library() is not None, "the C kernel did not build (see the warning)"
+    ran = spy(monkeypatch, summary_scores, "select_tables")
+    cfg = settings(**selection)
+    generator = torch.Generator().manual_seed(3)
+    pairs, group, block_size = 40, 3, 16
+    seq_lens = torch.randint(1, 60 * block_size, (pairs,), generator=generator)
+    num_blocks = int((seq_lens.max() - 1) // block_size) + 1
+    logits = torch.randn(pairs, 1, group, num_blocks, generator=generator) * 3
+    logits[::5, :, :, 4:8] = 1.5  # equal masses: ties ranked in logical order
+    blocks = torch.arange(num_blocks).expand(pairs, -1)
+    past = blocks >= ((seq_lens - 1) // block_size + 1).unsqueeze(1)
+    logits.masked_fill_(past.view(pairs, 1, 1, -1), -math.inf)
+    masses = PageMasses(logits, blocks)
+    total = torch.logaddexp(logits[:, 0].logsumexp(-1), torch.randn(pairs, group, generator=generator))
+    tables = torch.randperm(pairs * (num_blocks + 2), generator=generator).int().view(pairs, -1)
+    native = select_tables(masses, total, seq_lens, cfg, block_size, tables, native=True)
+    torch_ops = select_tables(masses, total, seq_lens, cfg, block_size, tables)
+    assert ran == [True]
+    for got, expected in zip(native, torch_ops):
+        assert torch.equal(got, expected)
+    assert (native[2] < -(-seq_lens // block_size)).any(), "nothing skipped"
