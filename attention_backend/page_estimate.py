@@ -104,11 +104,16 @@ def bulk_lse_and_pages(
     layout: KVLayout, batch: DecodeBatch, stats: Tensor, plan: PagePlan, *, native: bool = True
 ) -> tuple[Tensor, PageMasses]:
     """`pages_bulk_lse`, and the whole pages' estimates it sums. On the CPU the whole pages'
-    estimates come from one C loop over the summaries in place (`summary_scores`); with
-    `native=False`, or where it cannot be built, from PyTorch ops over gathered summaries."""
+    estimates come from one C loop over the summaries in place and the sum with the exact scores
+    from another (`summary_scores`); with `native=False`, or where they cannot be built, from
+    PyTorch ops over gathered summaries and keys."""
     q = _grouped(batch.query, stats.shape[2]) * batch.scale  # [B, Hkv, G, D]
     logits = summary_scores.page_logits(q, stats, plan) if native else None
-    if logits is None:
+    if logits is not None:
+        bulk_lse = summary_scores.bulk_lse(q, logits, layout.keys_by_head(batch.key_cache), plan)
+        if bulk_lse is not None:
+            return bulk_lse.flatten(1), PageMasses(logits, plan.page_blocks)
+    else:
         logits = _page_logits(q, stats, plan)
     keys = layout.keys_at(batch.key_cache, plan.exact_blocks, plan.exact_offsets).float()  # [B, P, Hkv, D]
     scores = _dot(q, keys).masked_fill(~plan.exact_valid[:, None, None, :], -math.inf)

@@ -387,6 +387,53 @@ int qada_page_logits(const float *q, const float *stats, const int64_t *chunk_id
     return 0;
 }
 
+/* The bulk's log-mass [B, Hkv, G] (`page_estimate.bulk_lse_and_pages`): per head, the
+log-sum-exp of its whole pages' estimates logits [B, Hkv, G, J] (-inf: padding) and of the exact
+scores q . k of the bulk positions outside whole pages (exact_blocks / exact_offsets [B, P],
+where exact_valid); -inf without bulk. keys: element (block, head, offset, d) at the given
+strides (fp32); q [B, Hkv, G, D] scaled. */
+int qada_bulk_lse(const float *q, const float *logits, const float *keys, int64_t block_stride,
+                  int64_t head_stride, int64_t offset_stride, int64_t dim_stride,
+                  const int64_t *exact_blocks, const int64_t *exact_offsets,
+                  const uint8_t *exact_valid, int64_t rows, int64_t num_kv_heads, int64_t group,
+                  int64_t dim, int64_t pages, int64_t positions, float *out) {
+    if (dim > MAX_DIM || group > MAX_GROUP)
+        return 1;
+    float *values = malloc(sizeof(float) * (size_t)(group * (pages + positions) + 1));
+    if (!values)
+        return 2;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const float *qh = q + (r * num_kv_heads + h) * group * dim;
+            const float *page = logits + (r * num_kv_heads + h) * group * pages;
+            int64_t n = 0; /* values of head g at values[g * (pages + positions) + i], i < n */
+            const int64_t stride = pages + positions;
+            for (int64_t j = 0; j < pages; j++) {
+                if (page[j] == -INFINITY) /* padding: the same for every head */
+                    continue;
+                for (int64_t g = 0; g < group; g++)
+                    values[g * stride + n] = page[g * pages + j];
+                n++;
+            }
+            for (int64_t p = 0; p < positions; p++) {
+                if (!exact_valid[r * positions + p])
+                    continue;
+                const float *k = keys + exact_blocks[r * positions + p] * block_stride + h * head_stride +
+                                 exact_offsets[r * positions + p] * offset_stride;
+                float key[MAX_DIM];
+                for (int64_t d = 0; d < dim; d++)
+                    key[d] = k[d * dim_stride];
+                for (int64_t g = 0; g < group; g++)
+                    values[g * stride + n] = dot(qh + g * dim, key, dim);
+                n++;
+            }
+            for (int64_t g = 0; g < group; g++)
+                out[(r * num_kv_heads + h) * group + g] = n ? log_sum_exp(values + g * stride, n) : -INFINITY;
+        }
+    free(values);
+    return 0;
+}
+
 /* The page summaries' refresh (`page_summaries.PageSummaries.refresh`): for each chunk the step
 wrote (chunk_ids [N], valid tokens counts [N]), per KV head and dimension, the mean, population
 variance (two-pass), min and max of its valid keys into stats [4, num_chunks, Hkv, D], and with

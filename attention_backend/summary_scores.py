@@ -94,7 +94,8 @@ def library() -> ctypes.CDLL | None:
     lib.qada_key_copy_block_lse.argtypes = [*[pointer] * 7, *[size] * 8, pointer, pointer]
     lib.qada_page_logits.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, pointer]
     lib.qada_refresh_summaries.restype = lib.qada_int8_weights.restype = ctypes.c_int
-    lib.qada_select_blocks.restype = ctypes.c_int
+    lib.qada_select_blocks.restype = lib.qada_bulk_lse.restype = ctypes.c_int
+    lib.qada_bulk_lse.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 3, *[size] * 6, pointer]
     lib.qada_select_blocks.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, *[pointer] * 3]
     lib.qada_refresh_summaries.argtypes = [
         pointer,
@@ -136,13 +137,34 @@ def page_logits(q: Tensor, stats: Tensor, plan: PagePlan) -> Tensor | None:
     if not supports(head_dim, group) or not _on_cpu(q, stats, plan.chunk_ids) or (lib := library()) is None:
         return None
     q, stats = q.float().contiguous(), stats.contiguous()
-    ids, valid = plan.chunk_ids.long().contiguous(), plan.page_valid.to(torch.uint8).contiguous()
+    ids, valid = plan.chunk_ids.long().contiguous(), plan.page_valid.contiguous()  # bool: 0 / 1 bytes
     _, pages, m = ids.shape
     out = torch.empty(rows, num_kv_heads, group, pages)
     inputs = [t.data_ptr() for t in (q, stats, ids, valid)]
     sizes = (rows, num_kv_heads, group, head_dim, pages, m, stats.shape[1])
     log_n = math.log(plan.page_chunk)
     status = lib.qada_page_logits(*inputs, *sizes, log_n, int(plan.bound), out.data_ptr())
+    _check(status, f"q {tuple(q.shape)}")
+    return out
+
+
+def bulk_lse(q: Tensor, logits: Tensor, keys: Tensor, plan: PagePlan) -> Tensor | None:
+    """The bulk's log-mass [B, Hkv, G] of `page_estimate.bulk_lse_and_pages` from the whole pages'
+    estimates logits [B, Hkv, G, J] and the exact scores of the plan's other bulk positions: q
+    [B, Hkv, G, D] scaled fp32, keys the cache as [num_blocks, Hkv, bs, D] (`keys_by_head`). None
+    where the kernel is unavailable or the cache is not fp32 on the CPU."""
+    rows, num_kv_heads, group, head_dim = q.shape
+    blocks, offsets, valid = plan.exact_blocks, plan.exact_offsets, plan.exact_valid
+    if keys.dtype != torch.float32 or not _on_cpu(q, keys, blocks) or (lib := library()) is None:
+        return None
+    q, logits = q.float().contiguous(), logits.contiguous()
+    blocks, offsets, valid = blocks.long().contiguous(), offsets.long().contiguous(), valid.contiguous()
+    out = torch.empty(rows, num_kv_heads, group)
+    sizes = (rows, num_kv_heads, group, head_dim, logits.shape[-1], blocks.shape[1])
+    pointers = (blocks.data_ptr(), offsets.data_ptr(), valid.data_ptr())  # bool: one byte, 0 / 1
+    status = lib.qada_bulk_lse(
+        q.data_ptr(), logits.data_ptr(), keys.data_ptr(), *keys.stride(), *pointers, *sizes, out.data_ptr()
+    )
     _check(status, f"q {tuple(q.shape)}")
     return out
 

@@ -199,12 +199,13 @@ def test_pages_estimate_matches_a_row_by_row_computation(
 ):
     assert summary_scores.library() is not None, "the C kernels did not build (see the warning)"
     ran = spy(monkeypatch, summary_scores, "page_logits")
+    summed = spy(monkeypatch, summary_scores, "bulk_lse")
     case = make_case(
         [300, 37, 129, 21, 1], num_kv_heads=3, group=2, block_size=BLOCK, dtype=torch.float32, layout=layout
     )
     settings = QadaSettings(stats=stats, t_sink=t_sink, t_local=t_local, page_chunk=page_chunk)
     got = estimate(case, settings, store_chunk, native)
-    assert ran == ([True] if native else [])  # the C kernel computed it
+    assert ran == summed == ([True] if native else [])  # the C kernels computed it
     for b in range(len(case.keys)):
         want = naive_pages_lse(case, b, settings, bound=stats == "pages_bound")
         torch.testing.assert_close(got[b], want, atol=1e-4, rtol=1e-5)
