@@ -7,8 +7,11 @@ key to fp32 first, costing more than vLLM's kernel reading the whole cache, and 
 estimate spends most of its time copying gathered summaries. The C source is compiled on first
 use with the machine's C compiler (`$CC`, else `cc`) for the machine's own CPU (`-march=native`)
 into `$QADA_CACHE_DIR/kernels` (default `~/.cache/qada`), keyed by the source, the flags and the
-CPU, and loaded with ctypes. Without a compiler both fall back to the PyTorch ops, with a
-warning: same results, slower.
+CPU, and loaded with ctypes. Without a compiler each falls back to the PyTorch ops, with a
+warning: same results (the ranking's in fp32), slower. The ranking of a 2- or 4-bit copy
+rounds its weights to int8 where the CPU has AVX-512 VNNI (`int8_weights`); the selection of
+blocks from per-block masses and the bulk's log-mass are C loops too (`select_tables`,
+`bulk_lse`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from serving.config import load_config
 from serving.testing import API_KEY, REPO, SERVED_NAME, greedy_at_once
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-DEFAULTS = load_config(REPO / "configs" / "smollm2-cpu-qada.yaml").attention.settings().model_dump()
+SHIPPED = load_config(REPO / "configs" / "smollm2-cpu-qada.yaml").attention.settings().model_dump()
+# what the tests vary: the shipped settings with the head decision alone (no page selection)
+DEFAULTS = {**SHIPPED, "page_budget": 0.0, "page_rank_bits": 0}
 
 
 def set_policy(server, **settings) -> dict:
@@ -337,6 +339,13 @@ def test_page_selection_reads_the_selected_blocks_and_counts_them(qada_server, q
     assert kv["read"] + kv["skipped"] == sum(lengths) * 30 * 3 * 512
     assert kv["key_copy_read"] == after["kv_bytes"]["key_copy_read"] - before["kv_bytes"]["key_copy_read"] > 0
     assert kv["read"] + kv["key_copy_read"] < 0.45 * head_kv["read"]
+    # the shipped default (top-p 10% by the same copy): the passkey, at a fraction of the bytes
+    set_policy(qada_server, **SHIPPED)
+    reply = greedy(qada_client, prompt, 8, ignore_eos=False, stats=True)
+    print(f"shipped default: {reply.choices[0].text!r}")
+    kv = reply.model_dump()["usage"]["qada"]["kv_bytes"]
+    assert "71432" in reply.choices[0].text and kv["key_copy_read"] > 0
+    assert kv["read"] + kv["key_copy_read"] < 0.6 * (kv["read"] + kv["skipped"])
     # a step that is not decided (min_bulk) reads every block of every long group, and says so
     set_policy(qada_server, policy="qada", page_top_k=4, min_bulk=10**4)
     before = stats(qada_server)
