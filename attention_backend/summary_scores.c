@@ -69,18 +69,36 @@ static float log_sum_exp(const float *s, int64_t n) {
 
 typedef float floats16 __attribute__((vector_size(64)));   /* GCC / Clang vector extensions */
 
-/* a . b over n floats, in 16 independent partial sums (a serial sum is a chain of adds). */
-static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+/* The sum of 16 partial sums as a tree (halves added lane-wise: vector ops, where a serial sum
+   of 16 is a chain of 16 dependent adds). */
+static inline float tree_sum(float lane[16]) {
+    for (int width = 8; width >= 1; width /= 2)
+        for (int l = 0; l < width; l++)
+            lane[l] += lane[l + width];
+    return lane[0];
+}
+
+/* a . b + c . e over n floats, in 16 independent partial sums (a serial sum is a chain of adds);
+   c = e = NULL: a . b alone. */
+static inline float dot2(const float *restrict a, const float *restrict b, const float *restrict c,
+                         const float *restrict e, int64_t n) {
     float lane[16] = {0}, sum = 0.0f;
     int64_t d = 0;
-    for (; d + 16 <= n; d += 16)
-        for (int l = 0; l < 16; l++)
-            lane[l] += a[d + l] * b[d + l];
+    if (c)
+        for (; d + 16 <= n; d += 16)
+            for (int l = 0; l < 16; l++)
+                lane[l] += a[d + l] * b[d + l] + c[d + l] * e[d + l];
+    else
+        for (; d + 16 <= n; d += 16)
+            for (int l = 0; l < 16; l++)
+                lane[l] += a[d + l] * b[d + l];
     for (; d < n; d++)
-        sum += a[d] * b[d];
-    for (int l = 0; l < 16; l++)
-        sum += lane[l];
-    return sum;
+        sum += a[d] * b[d] + (c ? c[d] * e[d] : 0.0f);
+    return sum + tree_sum(lane);
+}
+
+static inline float dot(const float *restrict a, const float *restrict b, int64_t n) {
+    return dot2(a, b, NULL, NULL, n);
 }
 
 /* The scores of one chunk's 16 * V tokens for the G heads, into scores[g * stride + t]: the codes
@@ -351,12 +369,13 @@ int qada_page_logits(const float *q, const float *stats, const int64_t *chunk_id
                    chunk's own, or pooled over the m (mean of the means, E[k^2] - mean^2 >= 0) */
                 const int64_t *ids = chunk_ids + (r * pages + j) * m;
                 const int64_t first = (ids[0] * num_kv_heads + h) * dim;
-                const float *a0 = bound ? mins : means, *b0 = bound ? maxs : vars;
-                for (int64_t d = 0; d < dim; d++) {
-                    a[d] = a0[first + d];
-                    b[d] = b0[first + d];
-                }
-                if (bound)
+                const float *a0 = (bound ? mins : means) + first, *b0 = (bound ? maxs : vars) + first;
+                const float *pa = m == 1 ? a0 : a, *pb = m == 1 ? b0 : b; /* one chunk: as stored */
+                if (m > 1 && bound) {
+                    for (int64_t d = 0; d < dim; d++) {
+                        a[d] = a0[d];
+                        b[d] = b0[d];
+                    }
                     for (int64_t i = 1; i < m; i++) {
                         const int64_t at = (ids[i] * num_kv_heads + h) * dim;
                         for (int64_t d = 0; d < dim; d++) {
@@ -364,9 +383,11 @@ int qada_page_logits(const float *q, const float *stats, const int64_t *chunk_id
                             b[d] = maxs[at + d] > b[d] ? maxs[at + d] : b[d];
                         }
                     }
-                else if (m > 1) {
-                    for (int64_t d = 0; d < dim; d++)
-                        b[d] += a[d] * a[d];
+                } else if (m > 1) {
+                    for (int64_t d = 0; d < dim; d++) {
+                        a[d] = a0[d];
+                        b[d] = b0[d] + a0[d] * a0[d];
+                    }
                     for (int64_t i = 1; i < m; i++) {
                         const int64_t at = (ids[i] * num_kv_heads + h) * dim;
                         for (int64_t d = 0; d < dim; d++) {
@@ -381,7 +402,7 @@ int qada_page_logits(const float *q, const float *stats, const int64_t *chunk_id
                     }
                 }
                 for (int64_t g = 0; g < group; g++)
-                    o[g * pages + j] = log_n + dot(qlow[g], a, dim) + dot(qq[g], b, dim);
+                    o[g * pages + j] = log_n + dot2(qlow[g], pa, qq[g], pb, dim);
             }
         }
     return 0;
