@@ -30,7 +30,7 @@ from vllm import envs
 
 from .kv_layout import CPU_VEC
 from .page_estimate import PageMasses
-from .page_select import key_copy_masses, key_dim_masses, select_tables, selected_tables
+from .page_select import kept_tables, key_copy_masses, key_dim_masses, select_tables
 from .policy import (
     NO_INPUTS,
     DecodeBatch,
@@ -215,7 +215,7 @@ def _select(settings, q, inputs, local_lse, bulk_lse, batch, plan, pairs, tables
         else:
             last = (seq_lens - 1) // plan.block_size
             keep = torch.arange(int(last.max()) + 1) <= last.unsqueeze(1)
-        return (*selected_tables(keep, tables, seq_lens, plan.block_size), keep.sum(-1))
+        return kept_tables(keep, tables, seq_lens, plan.block_size)
     per_block = settings.ranks_by_key_copy or bool(settings.page_rank_dims)  # masses per owned block
     if per_block:  # scores of each pair's own keys
         pair_q, heads = q.reshape(-1, group, head_dim).index_select(0, pairs), pairs % num_kv_heads

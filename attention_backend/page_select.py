@@ -218,6 +218,13 @@ def select_tables(
         if chosen is not None:
             return chosen
     keep = select_blocks(masses, total_lse, seq_lens, settings, block_size)[:, 0]
+    return kept_tables(keep, tables, seq_lens, block_size)
+
+
+def kept_tables(
+    keep: Tensor, tables: Tensor, seq_lens: Tensor, block_size: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`selected_tables` of keep [N, nb], and the kept block counts [N]."""
     return (*selected_tables(keep, tables, seq_lens, block_size), keep.sum(-1))
 
 

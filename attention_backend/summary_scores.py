@@ -158,7 +158,8 @@ def bulk_lse(q: Tensor, logits: Tensor, keys: Tensor, plan: PagePlan) -> Tensor 
     where the kernel is unavailable or the cache is not fp32 on the CPU."""
     rows, num_kv_heads, group, head_dim = q.shape
     blocks, offsets, valid = plan.exact_blocks, plan.exact_offsets, plan.exact_valid
-    if keys.dtype != torch.float32 or not _on_cpu(q, keys, blocks) or (lib := library()) is None:
+    fits = supports(head_dim, group) and keys.dtype == torch.float32
+    if not fits or not _on_cpu(q, keys, blocks) or (lib := library()) is None:
         return None
     q, logits = q.float().contiguous(), logits.contiguous()
     blocks, offsets, valid = blocks.long().contiguous(), offsets.long().contiguous(), valid.contiguous()
@@ -222,7 +223,7 @@ def select_tables(
     block tables [N, nb] int32 of `tables` [N, >= nb] int32, their lengths [N] int32 and the kept
     block counts [N] int64. None where the kernel is unavailable or the tensors not on the CPU."""
     pairs, group, num_blocks = block_lse.shape
-    if group > 32 or not _on_cpu(block_lse, tables) or tables.dtype != torch.int32:
+    if not supports(1, group) or not _on_cpu(block_lse, tables) or tables.dtype != torch.int32:
         return None
     if (lib := library()) is None:
         return None
