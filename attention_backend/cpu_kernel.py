@@ -28,6 +28,7 @@ from torch import Tensor
 from vllm import _custom_ops as ops
 from vllm import envs
 
+from . import summary_scores
 from .kv_layout import CPU_VEC
 from .page_estimate import PageMasses
 from .page_select import kept_tables, key_copy_masses, key_dim_masses, select_tables
@@ -153,9 +154,17 @@ def paged_decode(
 
     q = query.float() * scale if query.dtype != torch.float32 else query * scale
     q = q.view(rows, num_kv_heads, group, head_dim)  # scores = q @ k
-    local_out, local_lse, score_moments = _local_attention(
-        q, heads_view, plan, want_stats=settings.needs_local_score_stats
-    )
+    local = None  # one C loop where it builds (without the score statistics), else PyTorch ops
+    if not settings.needs_local_score_stats:
+        local = summary_scores.local_attention(
+            q, key_cache, value_cache, block_table, plan.seq_lens, settings.window
+        )
+    if local is None:
+        local_out, local_lse, score_moments = _local_attention(
+            q, heads_view, plan, want_stats=settings.needs_local_score_stats
+        )
+    else:
+        (local_out, local_lse), score_moments = local, None
     bulk_lse = None
     if settings.needs_exact_bulk:  # the exact bulk mass of every head: reads the whole cache
         exact = exact_lse(CPU_VEC, batch, plan.lengths, settings, block_size if settings.selects_pages else 0)

@@ -41,8 +41,8 @@ static inline float exp_nonpositive(float x) {
     return p * scale;
 }
 
-/* log(sum(exp(s[0..n)))) for n >= 1 finite values. */
-static float log_sum_exp(const float *s, int64_t n) {
+/* max(s[0..n)) for n >= 1 values. */
+static float max_of(const float *s, int64_t n) {
     float lane[LANES], top = s[0];
     int64_t whole = n - n % LANES, t;
     for (int l = 0; l < LANES; l++)
@@ -54,6 +54,14 @@ static float log_sum_exp(const float *s, int64_t n) {
         top = lane[l] > top ? lane[l] : top;
     for (; t < n; t++)
         top = s[t] > top ? s[t] : top;
+    return top;
+}
+
+/* log(sum(exp(s[0..n)))) for n >= 1 finite values. */
+static float log_sum_exp(const float *s, int64_t n) {
+    float lane[LANES];
+    const float top = max_of(s, n);
+    int64_t whole = n - n % LANES, t;
     for (int l = 0; l < LANES; l++)
         lane[l] = 0.0f;
     for (t = 0; t < whole; t += LANES)
@@ -595,5 +603,91 @@ int qada_select_blocks(const float *block_lse, const float *total_lse, const int
                 out[at++] = table[k];
     }
     free(share), free(rank), free(order), free(keep);
+    return 0;
+}
+
+/* The local pass of `cpu_kernel.paged_decode` (its `_local_attention`, without the score
+statistics): for each (row, KV head), the softmax of its G scaled queries over the row's local
+set, the positions p < L with p < t_sink or p >= L - t_local, read in place from vLLM's CPU
+cache (a (block, head) key matrix column-major [D, bs], a value matrix row-major [bs, D], at the
+given element strides of block and head). Writes out [B, Hkv, G, D] and lse [B, Hkv, G]. */
+int qada_local_attention(const float *q, /* [B, Hkv, G, D] scaled */
+                         const float *keys, int64_t key_block_stride, int64_t key_head_stride,
+                         const float *values, int64_t value_block_stride, int64_t value_head_stride,
+                         const int64_t *block_table, int64_t table_stride, /* [B, >= blocks] */
+                         const int64_t *lengths, int64_t rows, int64_t num_kv_heads, int64_t group,
+                         int64_t dim, int64_t block_size, int64_t t_sink, int64_t t_local,
+                         float *out, float *lse) {
+    if (dim > MAX_DIM || group > MAX_GROUP || t_sink < 0 || t_local < 1)
+        return 1;
+    const int64_t most = t_sink + t_local;
+    float *scores = malloc(sizeof(float) * (size_t)(group * most));
+    if (!scores)
+        return 2;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t length = lengths[r], *table = block_table + r * table_stride;
+        const int64_t sinks = t_sink < length ? t_sink : length;
+        const int64_t window = length - t_local > sinks ? length - t_local : sinks;
+        /* the local set as two position ranges: [0, sinks) and [window, length) */
+        const int64_t begin[2] = {0, window}, end[2] = {sinks, length};
+        for (int64_t h = 0; h < num_kv_heads; h++) {
+            const float *qh = q + (r * num_kv_heads + h) * group * dim;
+            int64_t n = 0; /* scores of head g at scores[g * most + i], i < n */
+            for (int range = 0; range < 2; range++)
+                for (int64_t p = begin[range]; p < end[range];) {
+                    const int64_t offset = p % block_size;
+                    const int64_t stop = p - offset + block_size < end[range] ? p - offset + block_size : end[range];
+                    const float *k = keys + table[p / block_size] * key_block_stride + h * key_head_stride;
+                    for (int64_t t = offset; t < offset + (stop - p); t += 16) {
+                        const int64_t w = offset + (stop - p) - t < 16 ? offset + (stop - p) - t : 16;
+                        for (int64_t g = 0; g < group; g++) {
+                            float acc[16] = {0};
+                            const float *qg = qh + g * dim;
+                            if (w == 16)
+                                for (int64_t d = 0; d < dim; d++)
+                                    for (int l = 0; l < 16; l++)
+                                        acc[l] += qg[d] * k[d * block_size + t + l];
+                            else
+                                for (int64_t d = 0; d < dim; d++)
+                                    for (int l = 0; l < w; l++)
+                                        acc[l] += qg[d] * k[d * block_size + t + l];
+                            memcpy(scores + g * most + n, acc, sizeof(float) * (size_t)w);
+                        }
+                        n += w;
+                    }
+                    p = stop;
+                }
+            for (int64_t g = 0; g < group; g++) { /* scores become probabilities, unnormalized */
+                float *s = scores + g * most;
+                const float top = max_of(s, n);
+                float lane[16] = {0}, sum = 0.0f;
+                int64_t i = 0;
+                for (; i < n; i++)
+                    s[i] = exp_nonpositive(s[i] - top);
+                for (i = 0; i + 16 <= n; i += 16)
+                    for (int l = 0; l < 16; l++)
+                        lane[l] += s[i + l];
+                for (; i < n; i++)
+                    sum += s[i];
+                sum += tree_sum(lane);
+                lse[(r * num_kv_heads + h) * group + g] = top + logf(sum);
+                float *o = out + ((r * num_kv_heads + h) * group + g) * dim;
+                for (int64_t d = 0; d < dim; d++)
+                    o[d] = 0.0f;
+                i = 0;
+                for (int range = 0; range < 2; range++)
+                    for (int64_t p = begin[range]; p < end[range]; p++, i++) {
+                        const float *v = values + table[p / block_size] * value_block_stride +
+                                         h * value_head_stride + (p % block_size) * dim;
+                        for (int64_t d = 0; d < dim; d++)
+                            o[d] += s[i] * v[d];
+                    }
+                const float inverse = 1.0f / sum;
+                for (int64_t d = 0; d < dim; d++)
+                    o[d] *= inverse;
+            }
+        }
+    }
+    free(scores);
     return 0;
 }

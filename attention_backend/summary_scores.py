@@ -100,6 +100,17 @@ def library() -> ctypes.CDLL | None:
     lib.qada_select_blocks.restype = lib.qada_bulk_lse.restype = ctypes.c_int
     lib.qada_bulk_lse.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 3, *[size] * 6, pointer]
     lib.qada_select_blocks.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, *[pointer] * 3]
+    lib.qada_local_attention.restype = ctypes.c_int
+    lib.qada_local_attention.argtypes = [
+        pointer,
+        *[pointer, size, size] * 2,
+        pointer,
+        size,
+        pointer,
+        *[size] * 7,
+        pointer,
+        pointer,
+    ]
     lib.qada_refresh_summaries.argtypes = [
         pointer,
         *[size] * 4,
@@ -171,6 +182,46 @@ def bulk_lse(q: Tensor, logits: Tensor, keys: Tensor, plan: PagePlan) -> Tensor 
     )
     _check(status, f"q {tuple(q.shape)}")
     return out
+
+
+def local_attention(
+    q: Tensor,
+    key_cache: Tensor,
+    value_cache: Tensor,
+    block_table: Tensor,
+    seq_lens: Tensor,
+    window: tuple[int, int],
+) -> tuple[Tensor, Tensor] | None:
+    """`cpu_kernel`'s local pass in one loop, read in place: the softmax of the scaled queries q
+    [B, Hkv, G, D] over each row's local set (window = (t_sink, t_local)), as output [B, Hkv, G, D]
+    and lse [B, Hkv, G]; caches [num_blocks, Hkv, bs, D] fp32 in vLLM's CPU layout (column-major
+    key blocks), block_table [B, >= blocks], seq_lens [B]. None where the kernel is unavailable,
+    the caches are not fp32 on the CPU or it does not take the shapes."""
+    rows, num_kv_heads, group, head_dim = q.shape
+    block_size = key_cache.shape[2]
+    fp32 = key_cache.dtype == value_cache.dtype == torch.float32
+    if not (fp32 and supports(head_dim, group) and _on_cpu(q, key_cache, block_table)):
+        return None
+    if (lib := library()) is None:
+        return None
+    q = q.float().contiguous()
+    table, lengths = block_table.long().contiguous(), seq_lens.long().contiguous()
+    out, lse = torch.empty(rows, num_kv_heads, group, head_dim), torch.empty(rows, num_kv_heads, group)
+    caches = [(c.data_ptr(), c.stride(0), c.stride(1)) for c in (key_cache, value_cache)]
+    sizes = (rows, num_kv_heads, group, head_dim, block_size, *window)
+    status = lib.qada_local_attention(
+        q.data_ptr(),
+        *caches[0],
+        *caches[1],
+        table.data_ptr(),
+        table.stride(0),
+        lengths.data_ptr(),
+        *sizes,
+        out.data_ptr(),
+        lse.data_ptr(),
+    )
+    _check(status, f"q {tuple(q.shape)}, window {window}")
+    return out, lse
 
 
 def _check(status: int, shapes: str) -> None:

@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from attention_backend.cpu_kernel import paged_decode, plan_decode
+from attention_backend import summary_scores
+from attention_backend.cpu_kernel import _HeadViews, _local_attention, paged_decode, plan_decode
 from attention_backend.kv_layout import CPU_VEC
 from attention_backend.moments import fresh_moments
-from attention_backend.policy import PolicyInputs, group_rule, random_long_mask
+from attention_backend.policy import PolicyInputs, group_rule, local_mask, random_long_mask
 from attention_backend.settings import QadaSettings
 from attention_backend.testing.paged_cases import (
     PagedCase,
@@ -301,3 +302,29 @@ def test_strided_query(policy: str) -> None:
     expected = decode(case, cfg, long_mask=mask)
     got = decode(replace(case, query=strided), cfg, long_mask=mask)
     torch.testing.assert_close(got.output, expected.output, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("t_sink,t_local", [(T_SINK, T_LOCAL), (0, 1), (5, 20), (40, 200), (16, 128)])
+def test_c_local_pass_reads_the_local_set_only(t_sink: int, t_local: int) -> None:
+    """The local pass in C (`summary_scores.local_attention`) gives the PyTorch pass's outputs and
+    log-sum-exps while every cached position outside the local set is NaN."""
+    case = relayout(make_case([1, 17, 80, 81, 300, 520, 129, 700], 3, 3, 32, torch.float32, seed=7), [3, 1])
+    cfg = QadaSettings(policy="local", t_sink=t_sink, t_local=t_local)
+    plan = plan_decode(case.block_table, case.seq_lens, cfg, block_size=32, num_kv_heads=3)
+    rows, _, head_dim = case.query.shape
+    q = (case.query * case.scale).view(rows, 3, 3, head_dim)
+    views = _HeadViews(case.key_cache, case.value_cache)
+    out, lse, _ = _local_attention(q, views, plan, want_stats=False)
+    for b, length in enumerate(case.seq_lens.tolist()):
+        positions = torch.arange(-(-length // 32) * 32)  # the row's blocks, unwritten tail included
+        outside = ~local_mask(positions, length, t_sink, t_local)
+        for p in outside.nonzero().flatten().tolist():
+            rows_of = case.block_table[b, p // 32].long() * 3 + torch.arange(3)
+            views.k_flat[rows_of, :, p % 32] = float("nan")
+            views.v_flat[rows_of, p % 32, :] = float("nan")
+    native = summary_scores.local_attention(
+        q, case.key_cache, case.value_cache, case.block_table, case.seq_lens, cfg.window
+    )
+    assert native is not None, "the C kernels build on the test machines"
+    torch.testing.assert_close(native[0], out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native[1], lse, rtol=1e-5, atol=1e-5)
