@@ -32,7 +32,6 @@ from .kv_layout import KVLayout
 from .moments import MomentStep
 from .page_estimate import PagePlan, bulk_lse_and_pages, plan_pages
 from .page_select import rank_layer_blocks
-from .page_summaries import PageSummaries
 from .policy import DecodeBatch, DecodeResult, PolicyInputs, bulk_sizes, reads_everything
 from .reference import exact_lse
 from .settings import QadaSettings
@@ -262,11 +261,11 @@ class QadaImplMixin:
         """Full attention of rows that are not decided, as the stock kernel computes it."""
         raise NotImplementedError
 
-    def _refresh_pages(
-        self, pages: PageSummaries, layer: int, key_cache: Tensor, slot_mapping: Tensor
-    ) -> None:
-        """Recompute the page summaries of the chunks the step wrote (PyTorch; GPU: Triton)."""
-        pages.refresh(layer, self.layout, key_cache, slot_mapping)
+    def _refresh_pages(self, ctx: StepContext, layer: int, key_cache: Tensor, slot_mapping: Tensor) -> None:
+        """Recompute the page summaries of the chunks the step wrote (C loop or PyTorch; GPU:
+        Triton)."""
+        written = ctx.written_chunks(slot_mapping)
+        ctx.pages.refresh(layer, self.layout, key_cache, slot_mapping, written=written)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         """vLLM's write of the step's keys and values, then the page summaries of what it wrote
@@ -275,7 +274,7 @@ class QadaImplMixin:
         ctx = get_step_context()
         if ctx is not None and self.attn_type == AttentionType.DECODER:
             key_cache = self._caches(kv_cache)[0]
-            self._refresh_pages(ctx.pages, self._layer_index(layer), key_cache, slot_mapping[: key.shape[0]])
+            self._refresh_pages(ctx, self._layer_index(layer), key_cache, slot_mapping[: key.shape[0]])
 
     def forward(
         self,

@@ -26,8 +26,8 @@ from vllm.v1.attention.backends.triton_attn import (
 )
 
 from .backend import DecodeRows, QadaBackendMixin, QadaBuilderMixin, QadaImplMixin
+from .context import StepContext
 from .kv_layout import TRITON_NHD
-from .page_summaries import PageSummaries
 from .page_summary_kernel import refresh_pages
 from .policy import DecodeBatch, DecodeResult, PolicyInputs
 from .settings import QadaSettings
@@ -66,9 +66,8 @@ class QadaTritonImpl(QadaImplMixin, TritonAttentionImpl):
     def _read_everything(self, batch: DecodeBatch) -> Tensor:
         return qada_decode(batch, READ_EVERYTHING).output
 
-    def _refresh_pages(
-        self, pages: PageSummaries, layer: int, key_cache: Tensor, slot_mapping: Tensor
-    ) -> None:
+    def _refresh_pages(self, ctx: StepContext, layer: int, key_cache: Tensor, slot_mapping: Tensor) -> None:
+        pages = ctx.pages  # the kernel reads the slot mapping itself: no host sync
         refresh_pages(pages.layer(layer, self.layout, key_cache), key_cache, slot_mapping, pages.chunk)
 
 

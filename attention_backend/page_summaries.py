@@ -79,18 +79,29 @@ class PageSummaries:
         stats = self.layer(layer, layout, key_cache)
         return KeyCopy(self.codes[layer], stats, self.key_bits)
 
+    def written(self, slot_mapping: Tensor) -> tuple[Tensor, Tensor]:
+        """(chunk ids, valid tokens) [C] int64 of the chunks a step's `slot_mapping` [T] writes
+        (-1: no write), `written_chunks` of its slots."""
+        slots = slot_mapping.long()
+        return written_chunks(slots[slots >= 0], self.chunk)
+
     def refresh(
-        self, layer: int, layout: KVLayout, key_cache: Tensor, slot_mapping: Tensor, *, native: bool = True
+        self,
+        layer: int,
+        layout: KVLayout,
+        key_cache: Tensor,
+        slot_mapping: Tensor,
+        *,
+        native: bool = True,
+        written: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         """Recompute every chunk the step's `slot_mapping` [T] wrote (-1: no write): on the CPU by
         one C loop over the cache in place (`summary_scores`), else (or `native=False`) by PyTorch
-        ops."""
+        ops. `written`: `self.written(slot_mapping)`, where the caller keeps it for all layers."""
         stats = self.layer(layer, layout, key_cache)
-        slots = slot_mapping.long()
-        slots = slots[slots >= 0]
-        if not slots.numel():
+        chunk_ids, counts = self.written(slot_mapping) if written is None else written
+        if not chunk_ids.numel():
             return
-        chunk_ids, counts = written_chunks(slots, self.chunk)
         codes = self.codes[layer] if self.key_bits else None
         if native and summary_scores.refresh(
             layout.keys_by_head(key_cache), chunk_ids, counts, self.chunk, stats, codes

@@ -16,6 +16,7 @@ from attention_backend.page_summaries import MAX, MEAN, MIN, VAR, PageSummaries
 from attention_backend.policy import bulk_range, bulk_sizes, decide_long_heads, estimated_bulk_lse, group_rule
 from attention_backend.reference import exact_lse
 from attention_backend.settings import QadaSettings
+from attention_backend.testing.batches import BatchSpec, step_context
 from attention_backend.testing.paged_cases import (
     make_case,
     page_summaries,
@@ -83,6 +84,27 @@ def test_the_c_refresh_leaves_what_pytorch_ops_leave(layout, bits, chunk, monkey
     torch.testing.assert_close(native, torch_ops, atol=1e-5, rtol=1e-5)
     if bits:
         assert torch.equal(stores[0].codes[0], stores[1].codes[0])
+
+
+def test_a_steps_layers_share_its_written_chunks():
+    """The step context computes the chunks a slot mapping writes once for all layers (views of
+    the same mapping share them, another mapping gets its own), and a refresh from them leaves
+    what a refresh from the slot mapping leaves."""
+    case = make_case(SEQ_LENS, num_kv_heads=3, group=2, block_size=BLOCK, dtype=torch.float32)
+    slots = torch.cat([slot_mapping(case), torch.full((3,), -1)])
+    ctx = step_context(BatchSpec(seq_lens=SEQ_LENS, query_lens=SEQ_LENS), {"page_chunk": 16})
+    written = ctx.written_chunks(slots[: len(slots)])
+    assert ctx.written_chunks(slots[: len(slots)]) is written
+    assert ctx.written_chunks(slots[:-3]) is not written  # same storage, another length
+    ids, counts = written  # a whole prefill: each chunk's tokens are all those it holds
+    chunks = slots[slots >= 0] // 16
+    assert sorted(ids.tolist()) == sorted(set(chunks.tolist()))
+    assert counts.tolist() == [int((chunks == i).sum()) for i in ids]
+    ours, theirs = PageSummaries(16, key_bits=4), PageSummaries(16, key_bits=4)
+    ours.refresh(0, CPU_VEC, case.key_cache, slots, written=written)
+    theirs.refresh(0, CPU_VEC, case.key_cache, slots)
+    assert torch.equal(ours.layer(0, CPU_VEC, case.key_cache), theirs.layer(0, CPU_VEC, case.key_cache))
+    assert torch.equal(ours.codes[0], theirs.codes[0])
 
 
 @pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
