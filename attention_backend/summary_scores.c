@@ -13,6 +13,21 @@ The token-major unpack, a serial dot per token or an accumulator in memory each 
 #include <stdlib.h>
 #include <string.h>
 
+/* The loops over (row, KV head) pairs, blocks or pages run on the threads of PyTorch's own OpenMP
+   runtime where `summary_scores.py` links it (the step's intra-op threads, idle while these run);
+   built without OpenMP they run on the calling thread. Each item writes only its own outputs, so
+   the results do not depend on the thread count. */
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_max_threads(void) { return 1; }
+static int omp_get_thread_num(void) { return 0; }
+#endif
+#define PARALLEL_ITEMS 4 /* fewer items than this run on the calling thread alone */
+
+/* The threads these loops use: omp_get_max_threads of the calling thread (torch.set_num_threads). */
+int qada_threads(void) { return omp_get_max_threads(); }
+
 #define MAX_DIM 256
 #define MAX_GROUP 32
 #define SUMS 4 /* partial sums over dimensions d mod SUMS: the add chain is the bound */
@@ -278,68 +293,85 @@ int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled querie
     if (dim > MAX_DIM || group > MAX_GROUP || !sizes || block_size % chunk || (dim * bits) % 8)
         return 1;
     const int64_t nbytes = dim * bits / 8, per_block = block_size / chunk;
-    float *scores = malloc(sizeof(float) * group * block_size);
-    /* codes [dim rounded up to SUMS][chunk / 16] vectors, the rounding zeros (so never NaN) */
-    const size_t code_size = sizeof(floats16) * (dim + SUMS) * (chunk / 16);
-    floats16 *code = aligned_alloc(sizeof(floats16), code_size);
-    if (!scores || !code) {
-        free(scores);
-        free(code);
+    const int threads = omp_get_max_threads();
+    /* items: (pair, owned block), pair n's first at starts[n] */
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(n_pairs + 1));
+    /* per thread: scores [G, block_size] and codes [dim rounded up to SUMS][chunk / 16] vectors,
+       the rounding zeros (so never NaN) */
+    const size_t code_count = (size_t)(dim + SUMS) * (size_t)(chunk / 16);
+    float *scores = malloc(sizeof(float) * (size_t)(group * block_size) * (size_t)threads);
+    floats16 *code = aligned_alloc(sizeof(floats16), sizeof(floats16) * code_count * (size_t)threads);
+    if (!starts || !scores || !code) {
+        free(starts), free(scores), free(code);
         return 2;
     }
-    memset(code, 0, code_size);
+    memset(code, 0, sizeof(floats16) * code_count * (size_t)threads);
+    starts[0] = 0;
+    for (int64_t n = 0; n < n_pairs; n++)
+        starts[n + 1] = starts[n] + (lengths[n] - 1) / block_size + 1;
+    const int64_t items = starts[n_pairs];
 #ifdef INT8_WEIGHTS
     const int int8 = bits <= 4 && dim % 16 == 0;
     __m512i permutes[3];
     int8_permutes(permutes);
 #endif
-    for (int64_t n = 0; n < n_pairs; n++) {
-        const int64_t head = kv_heads[n], length = lengths[n];
-        const int64_t owned = (length - 1) / block_size + 1;
+#pragma omp parallel for schedule(static) if (items >= PARALLEL_ITEMS)
+    for (int64_t item = 0; item < items; item++) {
+        int64_t n = 0, top = n_pairs; /* the pair: the last n with starts[n] <= item */
+        while (top - n > 1) {
+            const int64_t middle = (n + top) / 2;
+            if (starts[middle] <= item)
+                n = middle;
+            else
+                top = middle;
+        }
+        const int64_t j = item - starts[n], owned = starts[n + 1] - starts[n];
+        const int64_t head = kv_heads[n], left = lengths[n] - j * block_size;
+        const int64_t in_block = left < block_size ? left : block_size;
         const float *qn = q + n * group * dim;
-        float *out = block_lse + n * group * nb;
-        for (int64_t j = owned; j < nb; j++)
-            for (int64_t g = 0; g < group; g++)
-                out[g * nb + j] = -INFINITY;
-        for (int64_t j = 0; j < owned; j++) {
-            const int64_t left = length - j * block_size;
-            const int64_t in_block = left < block_size ? left : block_size;
-            if (j + 1 < owned) /* the next block's codes and grid, while this one is scored */
-                for (int64_t c = 0; c < per_block; c++) {
-                    const int64_t next = (table[n * nb + j + 1] * per_block + c) * num_kv_heads + head;
-                    for (int64_t at = 0; at < nbytes * chunk; at += 64)
-                        __builtin_prefetch(codes + next * nbytes * chunk + at);
-                    for (int64_t at = 0; at < dim; at += 16) {
-                        __builtin_prefetch(low + next * dim + at);
-                        __builtin_prefetch(high + next * dim + at);
-                    }
-                }
-            for (int64_t c = 0; c * chunk < in_block; c++) {  /* tokens past the row: ignored */
-                const int64_t cell = (table[n * nb + j] * per_block + c) * num_kv_heads + head;
-                const float *lo = low + cell * dim, *hi = high + cell * dim;
-                const uint8_t *bytes = codes + cell * nbytes * chunk;
-                float *at = scores + c * chunk;
-#ifdef INT8_WEIGHTS
-                if (int8) {
-                    score_chunk_int8(qn, bytes, lo, hi, group, dim, bits, chunk, block_size, permutes, at);
-                    continue;
-                }
-#endif
-                switch (chunk / 16) {  /* unrolled per chunk size */
-                case 1: score_chunk(qn, bytes, lo, hi, group, dim, bits, 1, block_size, at, code); break;
-                case 2: score_chunk(qn, bytes, lo, hi, group, dim, bits, 2, block_size, at, code); break;
-                case 4: score_chunk(qn, bytes, lo, hi, group, dim, bits, 4, block_size, at, code); break;
-                case 8: score_chunk(qn, bytes, lo, hi, group, dim, bits, 8, block_size, at, code); break;
+        float *own_scores = scores + (size_t)omp_get_thread_num() * (size_t)(group * block_size);
+        floats16 *own_code = code + (size_t)omp_get_thread_num() * code_count;
+        if (j + 1 < owned) /* the next block's codes and grid, while this one is scored */
+            for (int64_t c = 0; c < per_block; c++) {
+                const int64_t next = (table[n * nb + j + 1] * per_block + c) * num_kv_heads + head;
+                for (int64_t at = 0; at < nbytes * chunk; at += 64)
+                    __builtin_prefetch(codes + next * nbytes * chunk + at);
+                for (int64_t at = 0; at < dim; at += 16) {
+                    __builtin_prefetch(low + next * dim + at);
+                    __builtin_prefetch(high + next * dim + at);
                 }
             }
-            for (int64_t g = 0; g < group; g++)
-                out[g * nb + j] = log_sum_exp(scores + g * block_size, in_block);
+        for (int64_t c = 0; c * chunk < in_block; c++) { /* tokens past the row: ignored */
+            const int64_t cell = (table[n * nb + j] * per_block + c) * num_kv_heads + head;
+            const float *lo = low + cell * dim, *hi = high + cell * dim;
+            const uint8_t *bytes = codes + cell * nbytes * chunk;
+            float *at = own_scores + c * chunk;
+#ifdef INT8_WEIGHTS
+            if (int8) {
+                score_chunk_int8(qn, bytes, lo, hi, group, dim, bits, chunk, block_size, permutes, at);
+                continue;
+            }
+#endif
+            switch (chunk / 16) { /* unrolled per chunk size */
+            case 1: score_chunk(qn, bytes, lo, hi, group, dim, bits, 1, block_size, at, own_code); break;
+            case 2: score_chunk(qn, bytes, lo, hi, group, dim, bits, 2, block_size, at, own_code); break;
+            case 4: score_chunk(qn, bytes, lo, hi, group, dim, bits, 4, block_size, at, own_code); break;
+            case 8: score_chunk(qn, bytes, lo, hi, group, dim, bits, 8, block_size, at, own_code); break;
+            }
         }
         for (int64_t g = 0; g < group; g++)
-            total_lse[n * group + g] = log_sum_exp(out + g * nb, owned);
+            block_lse[(n * group + g) * nb + j] = log_sum_exp(own_scores + g * block_size, in_block);
     }
-    free(scores);
-    free(code);
+    for (int64_t n = 0; n < n_pairs; n++) {
+        const int64_t owned = starts[n + 1] - starts[n];
+        float *out = block_lse + n * group * nb;
+        for (int64_t g = 0; g < group; g++) {
+            for (int64_t j = owned; j < nb; j++)
+                out[g * nb + j] = -INFINITY;
+            total_lse[n * group + g] = log_sum_exp(out + g * nb, owned);
+        }
+    }
+    free(starts), free(scores), free(code);
     return 0;
 }
 
@@ -356,63 +388,71 @@ int qada_page_logits(const float *q, const float *stats, const int64_t *chunk_id
         return 1;
     const int64_t plane = num_chunks * num_kv_heads * dim; /* one of mean, var, min, max */
     const float *means = stats, *vars = stats + plane, *mins = stats + 2 * plane, *maxs = stats + 3 * plane;
-    float a[MAX_DIM], b[MAX_DIM], qq[MAX_GROUP][MAX_DIM], qlow[MAX_GROUP][MAX_DIM];
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            const float *qh = q + (r * num_kv_heads + h) * group * dim;
+    const int64_t heads = rows * num_kv_heads * group, items = rows * num_kv_heads * pages;
+    /* per query head the two factors: q^2 / 2 and q, or with `bound` q's positive and negative parts */
+    float *qq = malloc(sizeof(float) * (size_t)(heads * dim)), *qlow = malloc(sizeof(float) * (size_t)(heads * dim));
+    if (!qq || !qlow) {
+        free(qq), free(qlow);
+        return 2;
+    }
+    for (int64_t i = 0; i < heads * dim; i++) {
+        const float x = q[i];
+        qq[i] = bound ? (x > 0.0f ? x : 0.0f) : 0.5f * x * x;
+        qlow[i] = bound ? (x < 0.0f ? x : 0.0f) : x;
+    }
+#pragma omp parallel for schedule(static) if (items >= PARALLEL_ITEMS)
+    for (int64_t item = 0; item < items; item++) { /* (row, KV head, page) */
+        const int64_t r = item / (num_kv_heads * pages), h = item / pages % num_kv_heads, j = item % pages;
+        const int64_t pair = r * num_kv_heads + h;
+        float *o = out + pair * group * pages;
+        if (!page_valid[r * pages + j]) {
             for (int64_t g = 0; g < group; g++)
-                for (int64_t d = 0; d < dim; d++) { /* the second factor: q^2 / 2, or q's sign */
-                    const float x = qh[g * dim + d];
-                    qq[g][d] = bound ? (x > 0.0f ? x : 0.0f) : 0.5f * x * x;
-                    qlow[g][d] = bound ? (x < 0.0f ? x : 0.0f) : x;
+                o[g * pages + j] = -INFINITY;
+            continue;
+        }
+        /* a, b: the page's (min, max) with `bound`, else its (mean, var): a single chunk's own,
+           or pooled over the m (mean of the means, E[k^2] - mean^2 >= 0) */
+        float a[MAX_DIM], b[MAX_DIM];
+        const int64_t *ids = chunk_ids + (r * pages + j) * m;
+        const int64_t first = (ids[0] * num_kv_heads + h) * dim;
+        const float *a0 = (bound ? mins : means) + first, *b0 = (bound ? maxs : vars) + first;
+        const float *pa = m == 1 ? a0 : a, *pb = m == 1 ? b0 : b; /* one chunk: as stored */
+        if (m > 1 && bound) {
+            for (int64_t d = 0; d < dim; d++) {
+                a[d] = a0[d];
+                b[d] = b0[d];
+            }
+            for (int64_t i = 1; i < m; i++) {
+                const int64_t at = (ids[i] * num_kv_heads + h) * dim;
+                for (int64_t d = 0; d < dim; d++) {
+                    a[d] = mins[at + d] < a[d] ? mins[at + d] : a[d];
+                    b[d] = maxs[at + d] > b[d] ? maxs[at + d] : b[d];
                 }
-            float *o = out + (r * num_kv_heads + h) * group * pages;
-            for (int64_t j = 0; j < pages; j++) {
-                if (!page_valid[r * pages + j]) {
-                    for (int64_t g = 0; g < group; g++)
-                        o[g * pages + j] = -INFINITY;
-                    continue;
+            }
+        } else if (m > 1) {
+            for (int64_t d = 0; d < dim; d++) {
+                a[d] = a0[d];
+                b[d] = b0[d] + a0[d] * a0[d];
+            }
+            for (int64_t i = 1; i < m; i++) {
+                const int64_t at = (ids[i] * num_kv_heads + h) * dim;
+                for (int64_t d = 0; d < dim; d++) {
+                    a[d] += means[at + d];
+                    b[d] += vars[at + d] + means[at + d] * means[at + d];
                 }
-                /* a, b: the page's (min, max) with `bound`, else its (mean, var): a single
-                   chunk's own, or pooled over the m (mean of the means, E[k^2] - mean^2 >= 0) */
-                const int64_t *ids = chunk_ids + (r * pages + j) * m;
-                const int64_t first = (ids[0] * num_kv_heads + h) * dim;
-                const float *a0 = (bound ? mins : means) + first, *b0 = (bound ? maxs : vars) + first;
-                const float *pa = m == 1 ? a0 : a, *pb = m == 1 ? b0 : b; /* one chunk: as stored */
-                if (m > 1 && bound) {
-                    for (int64_t d = 0; d < dim; d++) {
-                        a[d] = a0[d];
-                        b[d] = b0[d];
-                    }
-                    for (int64_t i = 1; i < m; i++) {
-                        const int64_t at = (ids[i] * num_kv_heads + h) * dim;
-                        for (int64_t d = 0; d < dim; d++) {
-                            a[d] = mins[at + d] < a[d] ? mins[at + d] : a[d];
-                            b[d] = maxs[at + d] > b[d] ? maxs[at + d] : b[d];
-                        }
-                    }
-                } else if (m > 1) {
-                    for (int64_t d = 0; d < dim; d++) {
-                        a[d] = a0[d];
-                        b[d] = b0[d] + a0[d] * a0[d];
-                    }
-                    for (int64_t i = 1; i < m; i++) {
-                        const int64_t at = (ids[i] * num_kv_heads + h) * dim;
-                        for (int64_t d = 0; d < dim; d++) {
-                            a[d] += means[at + d];
-                            b[d] += vars[at + d] + means[at + d] * means[at + d];
-                        }
-                    }
-                    for (int64_t d = 0; d < dim; d++) {
-                        a[d] /= (float)m;
-                        const float var = b[d] / (float)m - a[d] * a[d];
-                        b[d] = var > 0.0f ? var : 0.0f;
-                    }
-                }
-                for (int64_t g = 0; g < group; g++)
-                    o[g * pages + j] = log_n + dot2(qlow[g], pa, qq[g], pb, dim);
+            }
+            for (int64_t d = 0; d < dim; d++) {
+                a[d] /= (float)m;
+                const float var = b[d] / (float)m - a[d] * a[d];
+                b[d] = var > 0.0f ? var : 0.0f;
             }
         }
+        for (int64_t g = 0; g < group; g++) {
+            const int64_t at = (pair * group + g) * dim;
+            o[g * pages + j] = log_n + dot2(qlow + at, pa, qq + at, pb, dim);
+        }
+    }
+    free(qq), free(qlow);
     return 0;
 }
 
@@ -428,38 +468,41 @@ int qada_bulk_lse(const float *q, const float *logits, const float *keys, int64_
                   int64_t dim, int64_t pages, int64_t positions, float *out) {
     if (dim > MAX_DIM || group > MAX_GROUP)
         return 1;
-    float *values = malloc(sizeof(float) * (size_t)(group * (pages + positions) + 1));
-    if (!values)
+    const int64_t stride = pages + positions, pairs = rows * num_kv_heads;
+    const size_t per_thread = (size_t)(group * stride + 1);
+    float *scratch = malloc(sizeof(float) * per_thread * (size_t)omp_get_max_threads());
+    if (!scratch)
         return 2;
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            const float *qh = q + (r * num_kv_heads + h) * group * dim;
-            const float *page = logits + (r * num_kv_heads + h) * group * pages;
-            int64_t n = 0; /* values of head g at values[g * (pages + positions) + i], i < n */
-            const int64_t stride = pages + positions;
-            for (int64_t j = 0; j < pages; j++) {
-                if (page[j] == -INFINITY) /* padding: the same for every head */
-                    continue;
-                for (int64_t g = 0; g < group; g++)
-                    values[g * stride + n] = page[g * pages + j];
-                n++;
-            }
-            for (int64_t p = 0; p < positions; p++) {
-                if (!exact_valid[r * positions + p])
-                    continue;
-                const float *k = keys + exact_blocks[r * positions + p] * block_stride + h * head_stride +
-                                 exact_offsets[r * positions + p] * offset_stride;
-                float key[MAX_DIM];
-                for (int64_t d = 0; d < dim; d++)
-                    key[d] = k[d * dim_stride];
-                for (int64_t g = 0; g < group; g++)
-                    values[g * stride + n] = dot(qh + g * dim, key, dim);
-                n++;
-            }
+#pragma omp parallel for schedule(static) if (pairs >= PARALLEL_ITEMS)
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        const int64_t r = pair / num_kv_heads, h = pair % num_kv_heads;
+        float *values = scratch + (size_t)omp_get_thread_num() * per_thread;
+        const float *qh = q + (r * num_kv_heads + h) * group * dim;
+        const float *page = logits + (r * num_kv_heads + h) * group * pages;
+        int64_t n = 0; /* values of head g at values[g * (pages + positions) + i], i < n */
+        for (int64_t j = 0; j < pages; j++) {
+            if (page[j] == -INFINITY) /* padding: the same for every head */
+                continue;
             for (int64_t g = 0; g < group; g++)
-                out[(r * num_kv_heads + h) * group + g] = n ? log_sum_exp(values + g * stride, n) : -INFINITY;
+                values[g * stride + n] = page[g * pages + j];
+            n++;
         }
-    free(values);
+        for (int64_t p = 0; p < positions; p++) {
+            if (!exact_valid[r * positions + p])
+                continue;
+            const float *k = keys + exact_blocks[r * positions + p] * block_stride + h * head_stride +
+                             exact_offsets[r * positions + p] * offset_stride;
+            float key[MAX_DIM];
+            for (int64_t d = 0; d < dim; d++)
+                key[d] = k[d * dim_stride];
+            for (int64_t g = 0; g < group; g++)
+                values[g * stride + n] = dot(qh + g * dim, key, dim);
+            n++;
+        }
+        for (int64_t g = 0; g < group; g++)
+            out[(r * num_kv_heads + h) * group + g] = n ? log_sum_exp(values + g * stride, n) : -INFINITY;
+    }
+    free(scratch);
     return 0;
 }
 
@@ -477,45 +520,45 @@ int qada_refresh_summaries(const float *keys, int64_t block_stride, int64_t head
     if (chunk > 1024 || dim > MAX_DIM || block_size % chunk || (bits && (dim * bits) % 8))
         return 1;
     const int64_t plane = num_chunks * num_kv_heads * dim;
-    float x[1024];
-    for (int64_t i = 0; i < n; i++) {
+#pragma omp parallel for schedule(static) if (n * num_kv_heads >= PARALLEL_ITEMS)
+    for (int64_t item = 0; item < n * num_kv_heads; item++) { /* (written chunk, KV head) */
+        const int64_t i = item / num_kv_heads, h = item % num_kv_heads;
         const int64_t id = chunk_ids[i], count = counts[i];
         const int64_t block = id * chunk / block_size, first = id * chunk % block_size;
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            const float *base = keys + block * block_stride + h * head_stride + first * offset_stride;
-            float *out = stats + (id * num_kv_heads + h) * dim;
-            uint8_t *packed = codes ? codes + (id * num_kv_heads + h) * (dim * bits / 8) * chunk : NULL;
-            if (packed)
-                memset(packed, 0, (size_t)(dim * bits / 8 * chunk));
-            for (int64_t d = 0; d < dim; d++) {
-                const int64_t tokens = packed ? chunk : count; /* codes: every key of the chunk */
-                for (int64_t t = 0; t < tokens; t++)
-                    x[t] = base[t * offset_stride + d * dim_stride];
-                float sum = 0.0f, low = x[0], high = x[0];
-                for (int64_t t = 0; t < count; t++) {
-                    sum += x[t];
-                    low = x[t] < low ? x[t] : low;
-                    high = x[t] > high ? x[t] : high;
-                }
-                const float mean = sum / (float)count;
-                float var = 0.0f;
-                for (int64_t t = 0; t < count; t++)
-                    var += (x[t] - mean) * (x[t] - mean);
-                out[d] = mean;
-                out[plane + d] = var / (float)count;
-                out[2 * plane + d] = low;
-                out[3 * plane + d] = high;
-                if (!packed)
-                    continue;
-                const int levels = (1 << bits) - 1, per = 8 / (int)bits;
-                const int64_t run = dim / per, byte = d % run, shift = (d / run) * bits;
-                const float step = (high - low) / (float)levels;
-                for (int64_t t = 0; t < chunk; t++) {
-                    float code = step > 0.0f ? (x[t] - low) / step : 0.0f;
-                    code = code != code ? 0.0f : nearbyintf(code); /* NaN: 0 */
-                    code = code < 0.0f ? 0.0f : (code > (float)levels ? (float)levels : code);
-                    packed[byte * chunk + t] |= (uint8_t)((int)code << shift);
-                }
+        float x[1024];
+        const float *base = keys + block * block_stride + h * head_stride + first * offset_stride;
+        float *out = stats + (id * num_kv_heads + h) * dim;
+        uint8_t *packed = codes ? codes + (id * num_kv_heads + h) * (dim * bits / 8) * chunk : NULL;
+        if (packed)
+            memset(packed, 0, (size_t)(dim * bits / 8 * chunk));
+        for (int64_t d = 0; d < dim; d++) {
+            const int64_t tokens = packed ? chunk : count; /* codes: every key of the chunk */
+            for (int64_t t = 0; t < tokens; t++)
+                x[t] = base[t * offset_stride + d * dim_stride];
+            float sum = 0.0f, low = x[0], high = x[0];
+            for (int64_t t = 0; t < count; t++) {
+                sum += x[t];
+                low = x[t] < low ? x[t] : low;
+                high = x[t] > high ? x[t] : high;
+            }
+            const float mean = sum / (float)count;
+            float var = 0.0f;
+            for (int64_t t = 0; t < count; t++)
+                var += (x[t] - mean) * (x[t] - mean);
+            out[d] = mean;
+            out[plane + d] = var / (float)count;
+            out[2 * plane + d] = low;
+            out[3 * plane + d] = high;
+            if (!packed)
+                continue;
+            const int levels = (1 << bits) - 1, per = 8 / (int)bits;
+            const int64_t run = dim / per, byte = d % run, shift = (d / run) * bits;
+            const float step = (high - low) / (float)levels;
+            for (int64_t t = 0; t < chunk; t++) {
+                float code = step > 0.0f ? (x[t] - low) / step : 0.0f;
+                code = code != code ? 0.0f : nearbyintf(code); /* NaN: 0 */
+                code = code < 0.0f ? 0.0f : (code > (float)levels ? (float)levels : code);
+                packed[byte * chunk + t] |= (uint8_t)((int)code << shift);
             }
         }
     }
@@ -620,74 +663,75 @@ int qada_local_attention(const float *q, /* [B, Hkv, G, D] scaled */
                          float *out, float *lse) {
     if (dim > MAX_DIM || group > MAX_GROUP || t_sink < 0 || t_local < 1)
         return 1;
-    const int64_t most = t_sink + t_local;
-    float *scores = malloc(sizeof(float) * (size_t)(group * most));
-    if (!scores)
+    const int64_t most = t_sink + t_local, pairs = rows * num_kv_heads;
+    float *scratch = malloc(sizeof(float) * (size_t)(group * most) * (size_t)omp_get_max_threads());
+    if (!scratch)
         return 2;
-    for (int64_t r = 0; r < rows; r++) {
+#pragma omp parallel for schedule(static) if (pairs >= PARALLEL_ITEMS)
+    for (int64_t pair = 0; pair < pairs; pair++) {
+        const int64_t r = pair / num_kv_heads, h = pair % num_kv_heads;
+        float *scores = scratch + (size_t)omp_get_thread_num() * (size_t)(group * most);
         const int64_t length = lengths[r], *table = block_table + r * table_stride;
         const int64_t sinks = t_sink < length ? t_sink : length;
         const int64_t window = length - t_local > sinks ? length - t_local : sinks;
         /* the local set as two position ranges: [0, sinks) and [window, length) */
         const int64_t begin[2] = {0, window}, end[2] = {sinks, length};
-        for (int64_t h = 0; h < num_kv_heads; h++) {
-            const float *qh = q + (r * num_kv_heads + h) * group * dim;
-            int64_t n = 0; /* scores of head g at scores[g * most + i], i < n */
-            for (int range = 0; range < 2; range++)
-                for (int64_t p = begin[range]; p < end[range];) {
-                    const int64_t offset = p % block_size;
-                    const int64_t stop = p - offset + block_size < end[range] ? p - offset + block_size : end[range];
-                    const float *k = keys + table[p / block_size] * key_block_stride + h * key_head_stride;
-                    for (int64_t t = offset; t < offset + (stop - p); t += 16) {
-                        const int64_t w = offset + (stop - p) - t < 16 ? offset + (stop - p) - t : 16;
-                        for (int64_t g = 0; g < group; g++) {
-                            float acc[16] = {0};
-                            const float *qg = qh + g * dim;
-                            if (w == 16)
-                                for (int64_t d = 0; d < dim; d++)
-                                    for (int l = 0; l < 16; l++)
-                                        acc[l] += qg[d] * k[d * block_size + t + l];
-                            else
-                                for (int64_t d = 0; d < dim; d++)
-                                    for (int l = 0; l < w; l++)
-                                        acc[l] += qg[d] * k[d * block_size + t + l];
-                            memcpy(scores + g * most + n, acc, sizeof(float) * (size_t)w);
-                        }
-                        n += w;
+        const float *qh = q + (r * num_kv_heads + h) * group * dim;
+        int64_t n = 0; /* scores of head g at scores[g * most + i], i < n */
+        for (int range = 0; range < 2; range++)
+            for (int64_t p = begin[range]; p < end[range];) {
+                const int64_t offset = p % block_size;
+                const int64_t stop = p - offset + block_size < end[range] ? p - offset + block_size : end[range];
+                const float *k = keys + table[p / block_size] * key_block_stride + h * key_head_stride;
+                for (int64_t t = offset; t < offset + (stop - p); t += 16) {
+                    const int64_t w = offset + (stop - p) - t < 16 ? offset + (stop - p) - t : 16;
+                    for (int64_t g = 0; g < group; g++) {
+                        float acc[16] = {0};
+                        const float *qg = qh + g * dim;
+                        if (w == 16)
+                            for (int64_t d = 0; d < dim; d++)
+                                for (int l = 0; l < 16; l++)
+                                    acc[l] += qg[d] * k[d * block_size + t + l];
+                        else
+                            for (int64_t d = 0; d < dim; d++)
+                                for (int l = 0; l < w; l++)
+                                    acc[l] += qg[d] * k[d * block_size + t + l];
+                        memcpy(scores + g * most + n, acc, sizeof(float) * (size_t)w);
                     }
-                    p = stop;
+                    n += w;
                 }
-            for (int64_t g = 0; g < group; g++) { /* scores become probabilities, unnormalized */
-                float *s = scores + g * most;
-                const float top = max_of(s, n);
-                float lane[16] = {0}, sum = 0.0f;
-                int64_t i = 0;
-                for (; i < n; i++)
-                    s[i] = exp_nonpositive(s[i] - top);
-                for (i = 0; i + 16 <= n; i += 16)
-                    for (int l = 0; l < 16; l++)
-                        lane[l] += s[i + l];
-                for (; i < n; i++)
-                    sum += s[i];
-                sum += tree_sum(lane);
-                lse[(r * num_kv_heads + h) * group + g] = top + logf(sum);
-                float *o = out + ((r * num_kv_heads + h) * group + g) * dim;
-                for (int64_t d = 0; d < dim; d++)
-                    o[d] = 0.0f;
-                i = 0;
-                for (int range = 0; range < 2; range++)
-                    for (int64_t p = begin[range]; p < end[range]; p++, i++) {
-                        const float *v = values + table[p / block_size] * value_block_stride +
-                                         h * value_head_stride + (p % block_size) * dim;
-                        for (int64_t d = 0; d < dim; d++)
-                            o[d] += s[i] * v[d];
-                    }
-                const float inverse = 1.0f / sum;
-                for (int64_t d = 0; d < dim; d++)
-                    o[d] *= inverse;
+                p = stop;
             }
+        for (int64_t g = 0; g < group; g++) { /* scores become probabilities, unnormalized */
+            float *s = scores + g * most;
+            const float top = max_of(s, n);
+            float lane[16] = {0}, sum = 0.0f;
+            int64_t i = 0;
+            for (; i < n; i++)
+                s[i] = exp_nonpositive(s[i] - top);
+            for (i = 0; i + 16 <= n; i += 16)
+                for (int l = 0; l < 16; l++)
+                    lane[l] += s[i + l];
+            for (; i < n; i++)
+                sum += s[i];
+            sum += tree_sum(lane);
+            lse[(r * num_kv_heads + h) * group + g] = top + logf(sum);
+            float *o = out + ((r * num_kv_heads + h) * group + g) * dim;
+            for (int64_t d = 0; d < dim; d++)
+                o[d] = 0.0f;
+            i = 0;
+            for (int range = 0; range < 2; range++)
+                for (int64_t p = begin[range]; p < end[range]; p++, i++) {
+                    const float *v = values + table[p / block_size] * value_block_stride +
+                                     h * value_head_stride + (p % block_size) * dim;
+                    for (int64_t d = 0; d < dim; d++)
+                        o[d] += s[i] * v[d];
+                }
+            const float inverse = 1.0f / sum;
+            for (int64_t d = 0; d < dim; d++)
+                o[d] *= inverse;
         }
     }
-    free(scores);
+    free(scratch);
     return 0;
 }

@@ -11,7 +11,9 @@ CPU, and loaded with ctypes. Without a compiler each falls back to the PyTorch o
 warning: same results (the ranking's in fp32), slower. The ranking of a 2- or 4-bit copy
 rounds its weights to int8 where the CPU has AVX-512 VNNI (`int8_weights`); the selection of
 blocks from per-block masses and the bulk's log-mass are C loops too (`select_tables`,
-`bulk_lse`).
+`bulk_lse`). Where PyTorch runs on OpenMP (its Linux CPU wheels) the library links PyTorch's own
+runtime and splits its loops over the step's intra-op threads (`openmp_runtime`, `threads`):
+while these loops run, PyTorch's threads would otherwise sit idle.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from . import page_summaries  # a module (page_summaries calls refresh): names r
 from .key_codes import KeyCopy
 
 SOURCE = Path(__file__).with_suffix(".c")
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC")
 logger = logging.getLogger(__name__)
 
 
@@ -60,13 +62,40 @@ def _cpu_id() -> str:
     return f"{platform.machine()} {flags}"
 
 
+def openmp_runtime() -> Path | None:
+    """PyTorch's own OpenMP runtime (its bundled libgomp), where its CPU build has one: linked
+    against it, the C loops run on the step's intra-op threads (torch.set_num_threads), not on a
+    second thread pool competing for the cores."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    found = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return found[0] if found else None
+
+
+def _compile(compiler: str, runtime: Path | None, built: Path) -> subprocess.CompletedProcess:
+    """Compile and link SOURCE into built: with OpenMP against runtime, else single-threaded."""
+    if runtime is None:
+        command = [compiler, *FLAGS, "-shared", "-Wno-unknown-pragmas", str(SOURCE), "-o", str(built), "-lm"]
+        return subprocess.run(command, capture_output=True, text=True)
+    objects = built.with_suffix(".o")
+    command = [compiler, *FLAGS, "-fopenmp", "-c", str(SOURCE), "-o", str(objects)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode:
+        return result
+    link = ["-shared", str(objects), str(runtime), f"-Wl,-rpath,{runtime.parent}", "-o", str(built), "-lm"]
+    return subprocess.run([compiler, *link], capture_output=True, text=True)
+
+
 def build() -> Path:
-    """The compiled library, built unless this source, flags and CPU already have one."""
+    """The compiled library, built unless this source, flags, OpenMP runtime and CPU already have
+    one; with OpenMP where PyTorch has it and the compiler takes it, else without."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise KernelBuildError("no C compiler (set CC or install gcc)")
+    runtime = openmp_runtime()
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), _cpu_id().encode()])).hexdigest()[:16]
+    parts = [source, " ".join(FLAGS).encode(), str(runtime).encode(), _cpu_id().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     target = cache_dir() / f"{SOURCE.stem}-{key}.so"
     if target.exists():
         return target
@@ -74,8 +103,11 @@ def build() -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then moved in whole
         built = Path(tmp) / target.name
         try:
-            command = [compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"]
-            result = subprocess.run(command, capture_output=True, text=True)
+            result = _compile(compiler, runtime, built)
+            if result.returncode and runtime is not None:
+                why = result.stderr.strip()[-500:]
+                logger.warning("page scores: no OpenMP build (%s); single-threaded", why)
+                result = _compile(compiler, None, built)
         except OSError as error:
             raise KernelBuildError(f"cannot run the C compiler {compiler}: {error}") from error
         if result.returncode:
@@ -100,7 +132,7 @@ def library() -> ctypes.CDLL | None:
     lib.qada_select_blocks.restype = lib.qada_bulk_lse.restype = ctypes.c_int
     lib.qada_bulk_lse.argtypes = [*[pointer] * 3, *[size] * 4, *[pointer] * 3, *[size] * 6, pointer]
     lib.qada_select_blocks.argtypes = [*[pointer] * 4, *[size] * 7, ctypes.c_float, size, *[pointer] * 3]
-    lib.qada_local_attention.restype = ctypes.c_int
+    lib.qada_local_attention.restype = lib.qada_threads.restype = ctypes.c_int
     lib.qada_local_attention.argtypes = [
         pointer,
         *[pointer, size, size] * 2,
@@ -120,7 +152,15 @@ def library() -> ctypes.CDLL | None:
         pointer,
         pointer,
     ]
+    logger.info("page scores: C kernels loaded, their loops on %d threads", lib.qada_threads())
     return lib
+
+
+def threads() -> int:
+    """The threads the C loops split over (PyTorch's intra-op count with OpenMP, else 1); 0
+    without the kernel."""
+    lib = library()
+    return 0 if lib is None else lib.qada_threads()
 
 
 def int8_weights(head_dim: int, bits: int) -> bool:

@@ -530,3 +530,47 @@ def test_the_c_selection_is_select_blocks_then_selected_tables(selection, monkey
     for got, expected in zip(native, torch_ops):
         assert torch.equal(got, expected)
     assert (native[2] < -(-seq_lens // block_size)).any(), "nothing skipped"
+
+
+def test_the_c_loops_give_the_same_step_on_one_thread_or_two(monkeypatch) -> None:
+    """The C loops split their pairs, blocks and pages over PyTorch's intra-op threads (its own
+    OpenMP runtime): each item writes only its own outputs, so the page estimates, the summaries'
+    refresh, the key copy's ranking and the local pass are bitwise the same on one thread as on
+    two, and so are the blocks read (vLLM's kernel over them sums in a thread-dependent order)."""
+    if summary_scores.openmp_runtime() is None:
+        pytest.skip("PyTorch without OpenMP here: the C loops run on the calling thread")
+    assert summary_scores.library() is not None, "the C kernel did not build (see the warning)"
+    calls: dict[str, list] = {}
+    for name in ("refresh", "page_logits", "bulk_lse", "block_lse", "local_attention"):
+        real = getattr(summary_scores, name)
+
+        def record(*args, real=real, name=name, **kwargs):
+            result = real(*args, **kwargs)
+            written = args[4] if name == "refresh" else result  # refresh writes the stats in place
+            # copies: the caller writes into some results later (the local output, for one)
+            copied = tuple(t.clone() for t in written) if isinstance(written, tuple) else written.clone()
+            calls.setdefault(name, []).append(copied)
+            return result
+
+        monkeypatch.setattr(summary_scores, name, record)
+    cfg = settings(page_budget=0.3, page_rank_bits=4).replace(tau=0.95)
+    before, runs = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert summary_scores.threads() == threads  # the loops see PyTorch's thread count
+            case = sample_case(10)
+            runs.append(paged_decode(case.batch(), cfg, policy_inputs(case, cfg)))
+    finally:
+        torch.set_num_threads(before)
+    assert runs[0].long_groups.any() and (~runs[0].long_groups).any()
+    for name, results in calls.items():
+        half = len(results) // 2
+        assert half and len(results) == 2 * half, name
+        for one, two in zip(results[:half], results[half:]):
+            assert one is not None, f"{name} fell back to PyTorch ops"
+            for a, b in zip(*(r if isinstance(r, tuple) else (r,) for r in (one, two))):
+                assert torch.equal(a, b), name
+    assert sorted(calls) == ["block_lse", "bulk_lse", "local_attention", "page_logits", "refresh"]
+    assert torch.equal(runs[0].kept_blocks, runs[1].kept_blocks)
+    torch.testing.assert_close(runs[0].output, runs[1].output, **FP32_OUTPUT)

@@ -1,9 +1,13 @@
-"""The key copy kernel's build: cached per source, flags and CPU; a clear error without a compiler
-(its results are tested against PyTorch's in test_page_select)."""
+"""The key copy kernel's build: cached per source, flags, OpenMP runtime and CPU; a clear error
+without a compiler (its results are tested against PyTorch's in test_page_select)."""
 
 from __future__ import annotations
 
+import ctypes
+import subprocess
+
 import pytest
+import torch
 
 from attention_backend import summary_scores
 
@@ -24,3 +28,20 @@ def test_without_a_working_compiler_the_build_says_why(tmp_path, monkeypatch, co
     with pytest.raises(summary_scores.KernelBuildError, match=r"compiler|failed"):
         summary_scores.build()
     assert not list((tmp_path / "kernels").iterdir())
+
+
+def test_without_pytorchs_openmp_the_loops_are_built_single_threaded(tmp_path, monkeypatch) -> None:
+    """Where PyTorch has no OpenMP runtime to share, the library is built without OpenMP (its own
+    cache entry) and its loops run on the calling thread; with one, it links PyTorch's."""
+    monkeypatch.setenv("QADA_CACHE_DIR", str(tmp_path))
+    runtime = summary_scores.openmp_runtime()
+    shared = summary_scores.build()
+    monkeypatch.setattr(summary_scores, "openmp_runtime", lambda: None)
+    alone = summary_scores.build()
+    assert alone != shared
+    assert ctypes.CDLL(str(alone)).qada_threads() == 1
+    if runtime is not None:  # PyTorch's Linux CPU wheels
+        assert runtime.name.startswith("libgomp")
+        linked = subprocess.run(["ldd", str(shared)], capture_output=True, text=True).stdout
+        assert str(runtime.resolve()) in linked or str(runtime) in linked
+        assert ctypes.CDLL(str(shared)).qada_threads() == torch.get_num_threads()
