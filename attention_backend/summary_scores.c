@@ -72,10 +72,9 @@ static float max_of(const float *s, int64_t n) {
     return top;
 }
 
-/* log(sum(exp(s[0..n)))) for n >= 1 finite values. */
-static float log_sum_exp(const float *s, int64_t n) {
+/* log(sum(exp(s[0..n)))) for n >= 1 finite values whose max is top. */
+static float log_sum_exp_at(const float *s, int64_t n, const float top) {
     float lane[LANES];
-    const float top = max_of(s, n);
     int64_t whole = n - n % LANES, t;
     for (int l = 0; l < LANES; l++)
         lane[l] = 0.0f;
@@ -89,6 +88,9 @@ static float log_sum_exp(const float *s, int64_t n) {
         sum += lane[l];
     return top + logf(sum);
 }
+
+/* log(sum(exp(s[0..n)))) for n >= 1 finite values. */
+static float log_sum_exp(const float *s, int64_t n) { return log_sum_exp_at(s, n, max_of(s, n)); }
 
 typedef float floats16 __attribute__((vector_size(64)));   /* GCC / Clang vector extensions */
 
@@ -190,11 +192,13 @@ static void int8_permutes(__m512i permutes[3]) {
    head's weights q * step rounded to int8 on its own scale, max |weight| / 127: the codes' dot
    with them is then integer, 64 products per instruction (AVX-512 VNNI), a score being
    q . low + scale * sum_d w8_d code_d (its added error at most scale / 2 * sum_d code_d, well
-   under the copy's own). A byte permute (VBMI) brings 4 bytes of a token into its 32-bit lane. */
+   under the copy's own). A byte permute (VBMI) brings 4 bytes of a token into its 32-bit lane.
+   top[g] takes the max of head g's scores as they are made: the block's log-sum-exp then needs
+   no pass of its own for it (11% of the ranking at 7k). */
 static void score_chunk_int8(const float *restrict qn, const uint8_t *restrict bytes,
                              const float *restrict lo, const float *restrict hi, int64_t group,
                              int64_t dim, int64_t bits, int64_t chunk, int64_t stride,
-                             const __m512i *permutes, float *restrict scores) {
+                             const __m512i *permutes, float *restrict scores, __m512 *restrict top) {
     const int64_t nbytes = dim * bits / 8, per = 8 / bits, quads = dim / 4;
     const float levels = (float)((1 << bits) - 1);
     int32_t weights[MAX_GROUP][MAX_DIM / 4]; /* the int8 weights of dimensions 4k .. 4k + 3 */
@@ -256,6 +260,7 @@ static void score_chunk_int8(const float *restrict qn, const uint8_t *restrict b
             const __m512i total = _mm512_add_epi32(_mm512_add_epi32(sum[0], sum[1]), _mm512_add_epi32(sum[2], sum[3]));
             const __m512 value = _mm512_fmadd_ps(_mm512_cvtepi32_ps(total), _mm512_set1_ps(scale[g]), _mm512_set1_ps(base[g]));
             _mm512_storeu_ps(scores + g * stride + t0, value);
+            top[g] = _mm512_max_ps(top[g], value);
         }
     }
 }
@@ -331,6 +336,11 @@ int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled querie
         const float *qn = q + n * group * dim;
         float *own_scores = scores + (size_t)omp_get_thread_num() * (size_t)(group * block_size);
         floats16 *own_code = code + (size_t)omp_get_thread_num() * code_count;
+#ifdef INT8_WEIGHTS
+        __m512 block_top[MAX_GROUP]; /* each head's running max of the block's scores */
+        for (int64_t g = 0; g < group; g++)
+            block_top[g] = _mm512_set1_ps(-INFINITY);
+#endif
         if (j + 1 < owned) /* the next block's codes and grid, while this one is scored */
             for (int64_t c = 0; c < per_block; c++) {
                 const int64_t next = (table[n * nb + j + 1] * per_block + c) * num_kv_heads + head;
@@ -348,7 +358,7 @@ int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled querie
             float *at = own_scores + c * chunk;
 #ifdef INT8_WEIGHTS
             if (int8) {
-                score_chunk_int8(qn, bytes, lo, hi, group, dim, bits, chunk, block_size, permutes, at);
+                score_chunk_int8(qn, bytes, lo, hi, group, dim, bits, chunk, block_size, permutes, at, block_top);
                 continue;
             }
 #endif
@@ -359,8 +369,17 @@ int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled querie
             case 8: score_chunk(qn, bytes, lo, hi, group, dim, bits, 8, block_size, at, own_code); break;
             }
         }
-        for (int64_t g = 0; g < group; g++)
-            block_lse[(n * group + g) * nb + j] = log_sum_exp(own_scores + g * block_size, in_block);
+        for (int64_t g = 0; g < group; g++) {
+            const float *block_scores = own_scores + g * block_size;
+            float *lse = block_lse + (n * group + g) * nb + j;
+#ifdef INT8_WEIGHTS
+            if (int8 && in_block == block_size) { /* the max came with the scores */
+                *lse = log_sum_exp_at(block_scores, in_block, _mm512_reduce_max_ps(block_top[g]));
+                continue;
+            }
+#endif
+            *lse = log_sum_exp(block_scores, in_block);
+        }
     }
     for (int64_t n = 0; n < n_pairs; n++) {
         const int64_t owned = starts[n + 1] - starts[n];

@@ -42,7 +42,7 @@ from .key_codes import KeyCopy
 
 SOURCE = Path(__file__).with_suffix(".c")
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fPIC")
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.qada.summary_scores")  # under vLLM's logger: shown in its workers' logs
 
 
 class KernelBuildError(RuntimeError):
@@ -152,7 +152,7 @@ def library() -> ctypes.CDLL | None:
         pointer,
         pointer,
     ]
-    logger.info("page scores: C kernels loaded, their loops on %d threads", lib.qada_threads())
+    logger.info("page scores: C kernels loaded, their loops on %d thread(s)", lib.qada_threads())
     return lib
 
 
