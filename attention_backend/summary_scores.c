@@ -320,17 +320,17 @@ int qada_key_copy_block_lse(const float *q,           /* [N, G, D] scaled querie
     __m512i permutes[3];
     int8_permutes(permutes);
 #endif
+    int64_t most = 0; /* the most blocks a pair owns */
+    for (int64_t n = 0; n < n_pairs; n++)
+        most = starts[n + 1] - starts[n] > most ? starts[n + 1] - starts[n] : most;
+    /* Items block-major, (block j, pair n): the pairs of one row (its KV heads) read their codes
+       and grids side by side, where pair-major order strides over the other heads' (half the
+       time, from memory). */
 #pragma omp parallel for schedule(static) if (items >= PARALLEL_ITEMS)
-    for (int64_t item = 0; item < items; item++) {
-        int64_t n = 0, top = n_pairs; /* the pair: the last n with starts[n] <= item */
-        while (top - n > 1) {
-            const int64_t middle = (n + top) / 2;
-            if (starts[middle] <= item)
-                n = middle;
-            else
-                top = middle;
-        }
-        const int64_t j = item - starts[n], owned = starts[n + 1] - starts[n];
+    for (int64_t item = 0; item < most * n_pairs; item++) {
+        const int64_t j = item / n_pairs, n = item % n_pairs, owned = starts[n + 1] - starts[n];
+        if (j >= owned)
+            continue;
         const int64_t head = kv_heads[n], left = lengths[n] - j * block_size;
         const int64_t in_block = left < block_size ? left : block_size;
         const float *qn = q + n * group * dim;
